@@ -1,0 +1,8 @@
+"""dptrain: differentially private training for PyTorch."""
+
+from dptrain.accounting import calibrate_noise, compute_epsilon
+from dptrain.engine import PrivacyEngine
+from dptrain.validators import ModuleValidator
+
+__all__ = ["ModuleValidator", "PrivacyEngine", "calibrate_noise", "compute_epsilon"]
+__version__ = "0.1.0"

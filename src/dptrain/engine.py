@@ -1,0 +1,232 @@
+"""PrivacyEngine: makes a model, optimizer and data loader private, and accounts for what they release.
+
+The API follows Opacus (``make_private``, ``make_private_with_epsilon``, ``get_epsilon``) so existing code runs
+with the import changed. Unlike Opacus, the module is not wrapped: hooks are attached to the object the user
+passed, whose ``state_dict`` keys and save/load behaviour are unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+
+from dptrain.accounting import Accountant, calibrate_noise, check_accountant, check_delta, check_noise_multiplier
+from dptrain.grad import make_grad_sampler
+from dptrain.optim import DPOptimizer
+from dptrain.randomness import RandomSource
+from dptrain.sampling import ChunkSignal, DPDataLoader, PoissonBatchSampler
+from dptrain.validators import ModuleValidator
+
+LOSS_REDUCTIONS = ("mean", "sum")
+
+# Modules that already carry dptrain hooks (weak: the engine must not keep a user's model alive).
+_PRIVATE_MODULES: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def _check_positive(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _dataset_size(data_loader: DataLoader) -> int:
+    try:
+        steps = len(data_loader)
+        size = len(data_loader.dataset)
+    except TypeError as err:
+        raise ValueError(
+            "data_loader must have a length (a map-style dataset with __len__): Poisson sampling and accounting "
+            "need the dataset size N and the number of steps per epoch"
+        ) from err
+    if size == 0 or steps == 0:
+        raise ValueError("data_loader is empty: there is nothing to train on")
+    return size
+
+
+def _warn_weak_delta(delta: float, dataset_size: int | None) -> None:
+    if dataset_size and delta >= 1.0 / dataset_size:
+        warnings.warn(
+            f"delta={delta} >= 1/N = {1.0 / dataset_size:.3g}: a mechanism that publishes one random example in full "
+            "satisfies this delta, so the guarantee is weak; choose delta well below 1/N (e.g. 1/N^1.1)",
+            stacklevel=3,
+        )
+
+
+class PrivacyEngine:
+    """Owns the privacy accounting of every model made private with it.
+
+    ``accountant``: "pld" (default, tightest) or "rdp". ``secure_mode``: draw sampling and noise from the OS
+    cryptographic generator instead of torch's (see ``dptrain.randomness``).
+    """
+
+    def __init__(self, accountant: str = "pld", secure_mode: bool = False) -> None:
+        check_accountant(accountant)
+        self.accountant = Accountant(accountant)
+        self.secure_mode = secure_mode
+        self.dataset_size: int | None = None
+        self.optimizers: list[DPOptimizer] = []
+
+    def make_private(
+        self,
+        *,
+        module: nn.Module,
+        optimizer: Optimizer,
+        data_loader: DataLoader,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        poisson_sampling: bool = True,
+        loss_reduction: str = "mean",
+        max_physical_batch_size: int | None = None,
+        batch_first: bool = True,
+        grad_sample_mode: str = "vmap",
+        noise_generator: torch.Generator | None = None,
+    ) -> tuple[nn.Module, DPOptimizer, DataLoader]:
+        """Attach per-example gradient hooks to ``module`` and return it with a DP optimizer and data loader.
+
+        Every ``optimizer.step()`` at the end of a logical batch clips each example's gradient to
+        ``max_grad_norm``, adds N(0, (noise_multiplier * max_grad_norm)^2) noise, divides by the expected batch
+        size and calls the wrapped optimizer's step; the engine records the step for ``get_epsilon``.
+        """
+        check_noise_multiplier(noise_multiplier)
+        _check_positive(max_grad_norm, "max_grad_norm")
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
+        if module in _PRIVATE_MODULES:
+            raise ValueError("this module is already private; make_private must be called once per module")
+        errors = ModuleValidator.validate(module)
+        if errors:
+            details = "\n  ".join(str(e) for e in errors)
+            raise ValueError(f"the model has layers that break per-example privacy:\n  {details}")
+        params = self._private_params(module, optimizer)
+        dataset_size = _dataset_size(data_loader)
+        steps_per_epoch = len(data_loader)
+        self.dataset_size = dataset_size
+
+        random = RandomSource(secure=self.secure_mode, generator=noise_generator)
+        signal = ChunkSignal()
+        if poisson_sampling:
+            sample_rate = 1.0 / steps_per_epoch
+            expected_batch_size = sample_rate * dataset_size
+            batch_sampler = PoissonBatchSampler(dataset_size, sample_rate, steps_per_epoch, random)
+        else:
+            if data_loader.batch_size is None:
+                raise ValueError(
+                    "poisson_sampling=False needs a data loader with a fixed batch_size (not a custom batch_sampler)"
+                )
+            warnings.warn(
+                "poisson_sampling=False: batches come from the data loader's own shuffling, but the accountant assumes "
+                "Poisson sampling (as Opacus does); the reported epsilon is then not a proven guarantee. "
+                "Use poisson_sampling=True for a guarantee that holds.",
+                stacklevel=2,
+            )
+            sample_rate = data_loader.batch_size / dataset_size
+            expected_batch_size = float(data_loader.batch_size)
+            batch_sampler = data_loader.batch_sampler
+        private_loader = DPDataLoader(data_loader, batch_sampler, signal, max_physical_batch_size)
+
+        grad_sampler = make_grad_sampler(grad_sample_mode, module, batch_first, loss_reduction)
+        _PRIVATE_MODULES.add(module)
+
+        def record_step(opt: DPOptimizer) -> None:
+            self.accountant.step(sample_rate, opt.noise_multiplier)
+
+        dp_optimizer = DPOptimizer(
+            optimizer,
+            params=params,
+            grad_sampler=grad_sampler,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            random=random,
+            signal=signal,
+            on_step=record_step,
+        )
+        dp_optimizer.sample_rate = sample_rate
+        self.optimizers.append(dp_optimizer)
+        return module, dp_optimizer, private_loader
+
+    def make_private_with_epsilon(
+        self,
+        *,
+        module: nn.Module,
+        optimizer: Optimizer,
+        data_loader: DataLoader,
+        target_epsilon: float,
+        target_delta: float,
+        epochs: int,
+        max_grad_norm: float,
+        **kwargs: Any,
+    ) -> tuple[nn.Module, DPOptimizer, DataLoader]:
+        """``make_private`` with the smallest noise multiplier that keeps ``epochs`` epochs within the target."""
+        _check_positive(target_epsilon, "target_epsilon")
+        check_delta(target_delta, "target_delta")
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs <= 0:
+            raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+        _check_positive(max_grad_norm, "max_grad_norm")
+        dataset_size = _dataset_size(data_loader)
+        _warn_weak_delta(target_delta, dataset_size)
+        steps_per_epoch = len(data_loader)
+        if kwargs.get("poisson_sampling", True):
+            sample_rate = 1.0 / steps_per_epoch
+        else:
+            sample_rate = (data_loader.batch_size or 1) / dataset_size
+        noise_multiplier = calibrate_noise(
+            target_epsilon, target_delta, sample_rate, epochs * steps_per_epoch, self.accountant.kind
+        )
+        return self.make_private(
+            module=module,
+            optimizer=optimizer,
+            data_loader=data_loader,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            **kwargs,
+        )
+
+    @staticmethod
+    def _private_params(module: nn.Module, optimizer: Optimizer) -> list[nn.Parameter]:
+        """The optimizer's trainable parameters, all of which must belong to ``module``."""
+        owned = {id(p) for p in module.parameters()}
+        params, seen = [], set()
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if not p.requires_grad or id(p) in seen:
+                    continue
+                if id(p) not in owned:
+                    raise ValueError(
+                        "the optimizer updates a parameter that is not in the private module; its gradient would be "
+                        "released without clipping or noise. Give the optimizer only the module's parameters"
+                    )
+                seen.add(id(p))
+                params.append(p)
+        if not params:
+            raise ValueError("the optimizer has no trainable parameters of the module (all frozen?)")
+        return params
+
+    def get_epsilon(self, delta: float) -> float:
+        """Epsilon spent so far at ``delta``, composing every recorded step."""
+        check_delta(delta)
+        _warn_weak_delta(delta, self.dataset_size)
+        return self.accountant.get_epsilon(delta)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The accountant's history and the dataset size: enough to resume with the same epsilon."""
+        return {
+            "accountant": self.accountant.state_dict(),
+            "dataset_size": self.dataset_size,
+            "optimizers": [
+                {"steps_taken": o.steps_taken, "random": o.random.state_dict()} for o in self.optimizers
+            ],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.accountant.load_state_dict(state["accountant"])
+        self.dataset_size = state.get("dataset_size")
+        for opt, opt_state in zip(self.optimizers, state.get("optimizers", [])):
+            opt.steps_taken = opt_state["steps_taken"]
+            opt.random.load_state_dict(opt_state["random"])

@@ -1,0 +1,23 @@
+"""Per-example gradient engines: the torch.func reference (``vmap``)."""
+
+from dptrain.grad.base import GradSampler, MaterializedGradients, PerExampleGradients
+from dptrain.grad.vmap import VmapGradSampler
+
+GRAD_SAMPLE_MODES = ("vmap",)
+
+
+def make_grad_sampler(mode: str, module, batch_first: bool, loss_reduction: str) -> GradSampler:
+    """The per-example gradient engine for ``mode``, attached to ``module``."""
+    if mode == "vmap":
+        return VmapGradSampler(module, batch_first=batch_first, loss_reduction=loss_reduction)
+    raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {mode!r}")
+
+
+__all__ = [
+    "GRAD_SAMPLE_MODES",
+    "GradSampler",
+    "MaterializedGradients",
+    "PerExampleGradients",
+    "VmapGradSampler",
+    "make_grad_sampler",
+]

@@ -1,0 +1,74 @@
+"""What clipping needs from a per-example gradient engine, whatever way it computes them."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+
+
+class PerExampleGradients(ABC):
+    """The per-example gradients of one physical batch, exposed only through what DP-SGD needs.
+
+    A fast engine can answer both questions without materialising a (batch x parameters) tensor; the reference
+    engine materialises it.
+    """
+
+    batch_size: int
+
+    @abstractmethod
+    def squared_norms(self) -> torch.Tensor:
+        """Per-example squared L2 norm over all tracked parameters, shape (batch_size,)."""
+
+    @abstractmethod
+    def weighted_sum(self, weights: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+        """sum_i weights[i] * g_i for each tracked parameter."""
+
+
+class MaterializedGradients(PerExampleGradients):
+    """Per-example gradients held as one tensor of shape (batch, *param.shape) per parameter."""
+
+    def __init__(self, per_param: dict[nn.Parameter, torch.Tensor], batch_size: int) -> None:
+        self.per_param = per_param
+        self.batch_size = batch_size
+
+    def squared_norms(self) -> torch.Tensor:
+        total = None
+        for g in self.per_param.values():
+            sq = g.reshape(self.batch_size, -1).pow(2).sum(dim=1)
+            total = sq if total is None else total + sq
+        if total is None:
+            raise RuntimeError("no parameters to clip")
+        return total
+
+    def weighted_sum(self, weights: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+        return {p: torch.einsum("b,b...->...", weights.to(g.dtype), g) for p, g in self.per_param.items()}
+
+    def __add__(self, other: "MaterializedGradients") -> "MaterializedGradients":
+        """Sum of two records over the same examples (two backward passes before one step)."""
+        if other.batch_size != self.batch_size:
+            raise RuntimeError(
+                f"two backward passes over batches of different sizes ({self.batch_size} and {other.batch_size}) "
+                "before one optimizer.step(): per-example gradients cannot be matched to examples"
+            )
+        merged = dict(self.per_param)
+        for p, g in other.per_param.items():
+            merged[p] = merged[p] + g if p in merged else g
+        return MaterializedGradients(merged, self.batch_size)
+
+
+class GradSampler(ABC):
+    """Attaches to the user's module (hooks only, no wrapper) and yields per-example gradients after backward."""
+
+    @abstractmethod
+    def collect(self, params: list[nn.Parameter]) -> PerExampleGradients | None:
+        """Per-example gradients of every backward pass since the last collect, for ``params``; None if none ran."""
+
+    @abstractmethod
+    def discard(self) -> None:
+        """Drop pending per-example gradients (optimizer.zero_grad)."""
+
+    @abstractmethod
+    def detach(self) -> None:
+        """Remove every hook from the module."""

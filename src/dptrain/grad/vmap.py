@@ -1,0 +1,136 @@
+"""Reference per-example gradients with torch.func: vmap over examples of a vjp through the user's whole module.
+
+The forward hook keeps the module's inputs; a gradient hook on its outputs keeps dLoss/dOutput from the user's own
+backward pass. Example i's gradient is then the vjp of the module at input i with output gradient i — exact for any
+module that treats examples independently (buffers included), whatever its layers. It costs one more forward and
+backward, under vmap; the fast engine is measured against it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, vjp, vmap
+from torch.utils._pytree import tree_flatten, tree_map
+
+from dptrain.grad.base import GradSampler, MaterializedGradients
+
+
+@dataclass
+class _BackwardRecord:
+    """One forward call's inputs and the output gradients its backward pass produced."""
+
+    inputs: tuple[tuple, dict]
+    output_indices: list[int]  # positions (in the flattened output) of outputs that received a gradient
+    output_grads: list[torch.Tensor]
+    batch_size: int
+
+
+class VmapGradSampler(GradSampler):
+    """Per-example gradients of ``module`` by torch.func (functional_call + vjp + vmap)."""
+
+    def __init__(self, module: nn.Module, batch_first: bool = True, loss_reduction: str = "mean") -> None:
+        self.module = module
+        self.batch_dim = 0 if batch_first else 1
+        self.loss_reduction = loss_reduction
+        self._records: list[_BackwardRecord] = []
+        self._replaying = False
+        self._handle = module.register_forward_hook(self._on_forward, with_kwargs=True)
+
+    def _batch_size(self, inputs: tuple[tuple, dict]) -> int:
+        for leaf in tree_flatten(inputs)[0]:
+            if isinstance(leaf, torch.Tensor) and leaf.dim() > self.batch_dim:
+                return leaf.shape[self.batch_dim]
+        raise RuntimeError(
+            f"{type(self.module).__name__} was called without a tensor argument with a batch dimension "
+            f"(dim {self.batch_dim}); per-example gradients need batched tensor inputs"
+        )
+
+    def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self._replaying or not torch.is_grad_enabled():
+            return
+        leaves = tree_flatten(output)[0]
+        tracked = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if not tracked:
+            return
+        inputs = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, (args, kwargs))
+        batch_size = self._batch_size(inputs)
+
+        def on_output_grads(grads: list[torch.Tensor | None]) -> None:
+            used = [(i, g.detach()) for i, g in zip(tracked, grads) if g is not None]
+            if not used:
+                return
+            for _, g in used:
+                if g.dim() <= self.batch_dim or g.shape[self.batch_dim] != batch_size:
+                    raise RuntimeError(
+                        f"an output of {type(module).__name__} with shape {tuple(g.shape)} has no batch dimension "
+                        f"{self.batch_dim} of size {batch_size}; return per-example outputs and reduce the loss "
+                        "outside the model"
+                    )
+            self._records.append(
+                _BackwardRecord(inputs, [i for i, _ in used], [g for _, g in used], batch_size)
+            )
+
+        torch.autograd.graph.register_multi_grad_hook([leaves[i] for i in tracked], on_output_grads)
+
+    def collect(self, params: list[nn.Parameter]) -> MaterializedGradients | None:
+        records, self._records = self._records, []
+        total = None
+        for record in records:
+            grads = self._per_example(record, params)
+            total = grads if total is None else total + grads
+        return total
+
+    def _per_example(self, record: _BackwardRecord, params: list[nn.Parameter]) -> MaterializedGradients:
+        wanted = set(params)
+        names = {p: n for n, p in self.module.named_parameters()}
+        missing = [p for p in params if p not in names]
+        if missing:
+            raise RuntimeError(f"{len(missing)} parameter(s) to privatise do not belong to the private module")
+        trainable = {names[p]: p.detach() for p in params}
+        constants = {n: p.detach() for n, p in self.module.named_parameters() if p not in wanted}
+        constants.update(dict(self.module.named_buffers()))
+        batch_dim, batch_size = self.batch_dim, record.batch_size
+        if batch_size == 0:
+            return MaterializedGradients({p: p.new_zeros((0, *p.shape)) for p in params}, 0)
+
+        def is_batched(leaf: Any) -> bool:
+            return isinstance(leaf, torch.Tensor) and leaf.dim() > batch_dim and leaf.shape[batch_dim] == batch_size
+
+        input_dims = tree_map(lambda t: batch_dim if is_batched(t) else None, record.inputs)
+
+        def one_example(weights: dict, inputs: tuple[tuple, dict], output_grads: list[torch.Tensor]) -> dict:
+            batched = tree_map(lambda t, d: t.unsqueeze(batch_dim) if d is not None else t, inputs, input_dims)
+
+            def outputs_of(w: dict) -> tuple:
+                args, kwargs = batched
+                leaves = tree_flatten(functional_call(self.module, {**w, **constants}, args, kwargs))[0]
+                return tuple(leaves[i].select(batch_dim, 0) for i in record.output_indices)
+
+            _, pullback = vjp(outputs_of, weights)
+            return pullback(tuple(output_grads))[0]
+
+        self._replaying = True
+        try:
+            with warnings.catch_warnings():
+                # Layers without a batching rule (LSTM, CPU attention) run per example under vmap: expected here.
+                warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
+                per_name = vmap(
+                    one_example, in_dims=(None, input_dims, batch_dim), randomness="different"
+                )(trainable, record.inputs, record.output_grads)
+        finally:
+            self._replaying = False
+        scale = float(batch_size) if self.loss_reduction == "mean" else 1.0
+        per_param = {p: per_name[names[p]] * scale for p in params}
+        return MaterializedGradients(per_param, batch_size)
+
+    def discard(self) -> None:
+        self._records = []
+
+    def detach(self) -> None:
+        self._handle.remove()
+        self._records = []

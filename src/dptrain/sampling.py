@@ -1,0 +1,135 @@
+"""Batch selection: Poisson sampling of logical batches, and their split into physical chunks.
+
+Poisson sampling includes every example in every step independently with probability q, which is the sampling
+the accountant's amplification-by-subsampling analysis assumes. Batch sizes therefore vary, and can be zero: an
+empty batch still yields a (zero-length) batch so that the step happens and its noise is added.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data.dataloader import default_collate
+from torch.utils._pytree import tree_flatten, tree_map
+
+from dptrain.randomness import RandomSource
+
+
+class PoissonBatchSampler(Sampler[list[int]]):
+    """``steps`` batches; each contains every index of ``range(num_samples)`` independently with prob ``sample_rate``."""
+
+    def __init__(self, num_samples: int, sample_rate: float, steps: int, random: RandomSource | None = None) -> None:
+        if num_samples <= 0:
+            raise ValueError(f"num_samples must be > 0, got {num_samples}")
+        if not 0 < sample_rate <= 1:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        if steps <= 0:
+            raise ValueError(f"steps must be > 0, got {steps}")
+        self.num_samples = num_samples
+        self.sample_rate = sample_rate
+        self.steps = steps
+        self.random = random or RandomSource()
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps):
+            included = self.random.uniform(self.num_samples) < self.sample_rate
+            yield included.nonzero().flatten().tolist()
+
+
+class ChunkSignal:
+    """Tells the DP optimizer whether the batch the user is processing ends a logical batch.
+
+    The data loader updates it as it hands each physical chunk to the user; the optimizer reads it in ``step()``.
+    Without a DP data loader every batch is its own logical batch.
+    """
+
+    def __init__(self) -> None:
+        self.chunk_size: int | None = None
+        self.is_last_chunk = True
+
+    def begin_chunk(self, size: int, is_last: bool) -> None:
+        self.chunk_size = size
+        self.is_last_chunk = is_last
+
+
+def batch_length(batch: Any) -> int:
+    """Number of examples in a collated batch: the first dimension of its first tensor."""
+    for leaf in tree_flatten(batch)[0]:
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            return leaf.shape[0]
+    raise TypeError("a batch must contain at least one tensor with a batch dimension")
+
+
+def split_batch(batch: Any, max_size: int) -> list[Any]:
+    """Split every tensor of ``batch`` along dim 0 into chunks of at most ``max_size`` examples."""
+    size = batch_length(batch)
+    starts = range(0, size, max_size) if size else [0]
+    return [
+        tree_map(lambda t: t[start : start + max_size] if isinstance(t, torch.Tensor) and t.dim() > 0 else t, batch)
+        for start in starts
+    ]
+
+
+def empty_batch_collate(dataset: Dataset, collate_fn: Callable[[list], Any]) -> Callable[[list], Any]:
+    """``collate_fn`` that turns an empty list into a batch of zero examples shaped like the dataset's items."""
+
+    def collate(samples: list) -> Any:
+        if len(samples) == 0:
+            template = collate_fn([dataset[0]])
+            return tree_map(lambda t: t[:0] if isinstance(t, torch.Tensor) and t.dim() > 0 else t, template)
+        return collate_fn(samples)
+
+    return collate
+
+
+class DPDataLoader(DataLoader):
+    """A data loader over the user's dataset with DP batch selection and optional physical chunking.
+
+    It keeps the user's dataset, collate function and worker settings, replaces batch selection by
+    ``batch_sampler`` (Poisson by default), and, when ``max_physical_batch_size`` is set, hands each logical batch
+    to the user in chunks of at most that many examples; the DP optimizer takes one real step per logical batch.
+    """
+
+    def __init__(
+        self,
+        data_loader: DataLoader,
+        batch_sampler: Sampler[Sequence[int]],
+        signal: ChunkSignal,
+        max_physical_batch_size: int | None = None,
+    ) -> None:
+        if max_physical_batch_size is not None and (
+            isinstance(max_physical_batch_size, bool) or not isinstance(max_physical_batch_size, int) or max_physical_batch_size <= 0
+        ):
+            raise ValueError(f"max_physical_batch_size must be a positive integer or None, got {max_physical_batch_size!r}")
+        collate_fn = data_loader.collate_fn or default_collate
+        super().__init__(
+            data_loader.dataset,
+            batch_sampler=batch_sampler,
+            num_workers=data_loader.num_workers,
+            collate_fn=empty_batch_collate(data_loader.dataset, collate_fn),
+            pin_memory=data_loader.pin_memory,
+            timeout=data_loader.timeout,
+            worker_init_fn=data_loader.worker_init_fn,
+            multiprocessing_context=data_loader.multiprocessing_context,
+            generator=data_loader.generator,
+            prefetch_factor=data_loader.prefetch_factor,
+            persistent_workers=data_loader.persistent_workers,
+        )
+        self.signal = signal
+        self.max_physical_batch_size = max_physical_batch_size
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in super().__iter__():
+            if self.max_physical_batch_size is None:
+                chunks = [batch]
+            else:
+                chunks = split_batch(batch, self.max_physical_batch_size)
+            for k, chunk in enumerate(chunks):
+                self.signal.begin_chunk(batch_length(chunk), is_last=k == len(chunks) - 1)
+                yield chunk

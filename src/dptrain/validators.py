@@ -1,0 +1,75 @@
+"""Find layers that break per-example privacy, and replace the ones that have a drop-in fix."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+
+class UnsupportedModuleError(ValueError):
+    """A layer that would void the per-example guarantee; ``path`` is its name in the model."""
+
+    def __init__(self, path: str, module: nn.Module, reason: str, fix: str) -> None:
+        self.path = path or "<root>"
+        self.module_type = type(module).__name__
+        self.reason = reason
+        self.fix = fix
+        super().__init__(f"{self.path} ({self.module_type}): {reason}. Fix: {fix}")
+
+
+def _group_norm_for(bn: _BatchNorm) -> nn.GroupNorm:
+    channels = bn.num_features
+    groups = math.gcd(32, channels)
+    return nn.GroupNorm(groups, channels, eps=bn.eps, affine=bn.affine)
+
+
+class ModuleValidator:
+    """Checks a model for layers that mix examples or learn from the batch outside the DP mechanism."""
+
+    @staticmethod
+    def validate(module: nn.Module, strict: bool = False) -> list[UnsupportedModuleError]:
+        """Every offending layer as an error naming its module path; raise the first if ``strict``."""
+        errors = []
+        for path, sub in module.named_modules():
+            if isinstance(sub, _BatchNorm):
+                errors.append(
+                    UnsupportedModuleError(
+                        path,
+                        sub,
+                        "BatchNorm normalises with statistics of the whole batch, so each example's gradient depends "
+                        "on the others and its running statistics are released without noise",
+                        "ModuleValidator.fix(model) replaces it with GroupNorm; or use LayerNorm",
+                    )
+                )
+            elif isinstance(sub, _InstanceNorm) and sub.track_running_stats:
+                errors.append(
+                    UnsupportedModuleError(
+                        path,
+                        sub,
+                        "InstanceNorm with track_running_stats=True releases running statistics of the data without noise",
+                        "construct it with track_running_stats=False",
+                    )
+                )
+        if strict and errors:
+            raise errors[0]
+        return errors
+
+    @staticmethod
+    def is_valid(module: nn.Module) -> bool:
+        return not ModuleValidator.validate(module)
+
+    @staticmethod
+    def fix(module: nn.Module) -> nn.Module:
+        """A copy of ``module`` with every BatchNorm replaced by GroupNorm(gcd(32, C), C); the input is untouched."""
+        fixed = copy.deepcopy(module)
+        if isinstance(fixed, _BatchNorm):
+            return _group_norm_for(fixed)
+        for path, sub in list(fixed.named_modules()):
+            for name, child in list(sub.named_children()):
+                if isinstance(child, _BatchNorm):
+                    setattr(sub, name, _group_norm_for(child))
+        return fixed

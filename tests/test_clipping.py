@@ -1,0 +1,112 @@
+"""One DP-SGD step without noise equals -lr * sum_i clip(g_i) / B from a brute-force per-example loop."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from dptrain import PrivacyEngine
+from models import ARCHITECTURES, brute_force_clipped_sum, make_case
+
+BATCH = 12
+LR = 0.5
+REL_TOL = 1e-5
+
+
+def private_step(model, inputs, labels, max_grad_norm, loss_reduction="mean", max_physical_batch_size=None):
+    """One noiseless DP-SGD step over the whole batch (poisson_sampling=False keeps it the given batch)."""
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+    loader = DataLoader(TensorDataset(inputs, labels), batch_size=len(inputs))
+    with pytest.warns(UserWarning, match="poisson_sampling=False"):
+        model, optimizer, loader = PrivacyEngine().make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=0.0,
+            max_grad_norm=max_grad_norm,
+            poisson_sampling=False,
+            loss_reduction=loss_reduction,
+            max_physical_batch_size=max_physical_batch_size,
+        )
+    reduction = "mean" if loss_reduction == "mean" else "sum"
+    for x, y in loader:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y, reduction=reduction).backward()
+        optimizer.step()
+    return optimizer
+
+
+def assert_step_matches(before, after, clipped_sum, batch):
+    trainable = [(b, a) for b, a in zip(before.parameters(), after.parameters()) if b.requires_grad]
+    assert len(trainable) == len(clipped_sum)
+    for (b, a), total in zip(trainable, clipped_sum):
+        expected = b.detach() - LR * total / batch
+        torch.testing.assert_close(a.detach(), expected, rtol=REL_TOL, atol=REL_TOL * expected.abs().max().item())
+
+
+def median_grad_norm(model, inputs, labels) -> float:
+    norms = []
+    for i in range(len(inputs)):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(inputs[i : i + 1]), labels[i : i + 1]).backward()
+        norms.append(torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters() if p.grad is not None)))
+    model.zero_grad()
+    return torch.stack(norms).median().item()
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_noiseless_step_equals_brute_force_clipping(architecture):
+    model, inputs, labels = make_case(architecture, BATCH)
+    # Clip at the median norm so that about half the examples are clipped and half are not.
+    max_grad_norm = median_grad_norm(model, inputs, labels)
+    reference = copy.deepcopy(model)
+    clipped_sum = brute_force_clipped_sum(reference, inputs, labels, max_grad_norm)
+    private_step(model, inputs, labels, max_grad_norm)
+    assert_step_matches(reference, model, clipped_sum, BATCH)
+
+
+@pytest.mark.parametrize("architecture", ["mlp", "transformer"])
+def test_sum_reduction_equals_brute_force(architecture):
+    model, inputs, labels = make_case(architecture, BATCH)
+    max_grad_norm = median_grad_norm(model, inputs, labels)
+    reference = copy.deepcopy(model)
+    clipped_sum = brute_force_clipped_sum(reference, inputs, labels, max_grad_norm)
+    private_step(model, inputs, labels, max_grad_norm, loss_reduction="sum")
+    assert_step_matches(reference, model, clipped_sum, BATCH)
+
+
+def test_physical_chunks_give_the_same_step():
+    model, inputs, labels = make_case("embedding_conv1d", BATCH)
+    max_grad_norm = median_grad_norm(model, inputs, labels)
+    reference = copy.deepcopy(model)
+    clipped_sum = brute_force_clipped_sum(reference, inputs, labels, max_grad_norm)
+    optimizer = private_step(model, inputs, labels, max_grad_norm, max_physical_batch_size=5)
+    assert optimizer.steps_taken == 1  # chunks of 5, 5, 2 make one logical step
+    assert_step_matches(reference, model, clipped_sum, BATCH)
+
+
+def test_frozen_parameters_are_untouched_and_excluded_from_the_norm():
+    model, inputs, labels = make_case("transformer", BATCH)
+    for p in model.embed.parameters():
+        p.requires_grad_(False)
+    frozen_before = model.embed.weight.detach().clone()
+    max_grad_norm = median_grad_norm(model, inputs, labels)
+    reference = copy.deepcopy(model)
+    clipped_sum = brute_force_clipped_sum(reference, inputs, labels, max_grad_norm)
+    private_step(model, inputs, labels, max_grad_norm)
+    assert torch.equal(model.embed.weight, frozen_before)
+    assert_step_matches(reference, model, clipped_sum, BATCH)
+
+
+def test_clipping_bounds_every_example_contribution():
+    """A single example's contribution to the noiseless sum has norm exactly C when its gradient is larger."""
+    model, inputs, labels = make_case("mlp", 1)
+    inputs = inputs * 100  # a huge gradient
+    before = copy.deepcopy(model)
+    private_step(model, inputs, labels, max_grad_norm=0.01)
+    delta = torch.sqrt(sum((a - b).pow(2).sum() for a, b in zip(model.parameters(), before.parameters())))
+    assert delta.item() == pytest.approx(LR * 0.01, rel=1e-5)

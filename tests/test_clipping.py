@@ -17,7 +17,12 @@ LR = 0.5
 REL_TOL = 1e-5
 
 
-def private_step(model, inputs, labels, max_grad_norm, loss_reduction="mean", max_physical_batch_size=None):
+MODES = ("auto", "vmap")
+
+
+def private_step(
+    model, inputs, labels, max_grad_norm, loss_reduction="mean", max_physical_batch_size=None, grad_sample_mode="auto"
+):
     """One noiseless DP-SGD step over the whole batch (poisson_sampling=False keeps it the given batch)."""
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
     loader = DataLoader(TensorDataset(inputs, labels), batch_size=len(inputs))
@@ -31,6 +36,7 @@ def private_step(model, inputs, labels, max_grad_norm, loss_reduction="mean", ma
             poisson_sampling=False,
             loss_reduction=loss_reduction,
             max_physical_batch_size=max_physical_batch_size,
+            grad_sample_mode=grad_sample_mode,
         )
     reduction = "mean" if loss_reduction == "mean" else "sum"
     for x, y in loader:
@@ -58,38 +64,42 @@ def median_grad_norm(model, inputs, labels) -> float:
     return torch.stack(norms).median().item()
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_noiseless_step_equals_brute_force_clipping(architecture):
+def test_noiseless_step_equals_brute_force_clipping(architecture, mode):
     model, inputs, labels = make_case(architecture, BATCH)
     # Clip at the median norm so that about half the examples are clipped and half are not.
     max_grad_norm = median_grad_norm(model, inputs, labels)
     reference = copy.deepcopy(model)
     clipped_sum = brute_force_clipped_sum(reference, inputs, labels, max_grad_norm)
-    private_step(model, inputs, labels, max_grad_norm)
+    private_step(model, inputs, labels, max_grad_norm, grad_sample_mode=mode)
     assert_step_matches(reference, model, clipped_sum, BATCH)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("architecture", ["mlp", "transformer"])
-def test_sum_reduction_equals_brute_force(architecture):
+def test_sum_reduction_equals_brute_force(architecture, mode):
     model, inputs, labels = make_case(architecture, BATCH)
     max_grad_norm = median_grad_norm(model, inputs, labels)
     reference = copy.deepcopy(model)
     clipped_sum = brute_force_clipped_sum(reference, inputs, labels, max_grad_norm)
-    private_step(model, inputs, labels, max_grad_norm, loss_reduction="sum")
+    private_step(model, inputs, labels, max_grad_norm, loss_reduction="sum", grad_sample_mode=mode)
     assert_step_matches(reference, model, clipped_sum, BATCH)
 
 
-def test_physical_chunks_give_the_same_step():
+@pytest.mark.parametrize("mode", MODES)
+def test_physical_chunks_give_the_same_step(mode):
     model, inputs, labels = make_case("embedding_conv1d", BATCH)
     max_grad_norm = median_grad_norm(model, inputs, labels)
     reference = copy.deepcopy(model)
     clipped_sum = brute_force_clipped_sum(reference, inputs, labels, max_grad_norm)
-    optimizer = private_step(model, inputs, labels, max_grad_norm, max_physical_batch_size=5)
+    optimizer = private_step(model, inputs, labels, max_grad_norm, max_physical_batch_size=5, grad_sample_mode=mode)
     assert optimizer.steps_taken == 1  # chunks of 5, 5, 2 make one logical step
     assert_step_matches(reference, model, clipped_sum, BATCH)
 
 
-def test_frozen_parameters_are_untouched_and_excluded_from_the_norm():
+@pytest.mark.parametrize("mode", MODES)
+def test_frozen_parameters_are_untouched_and_excluded_from_the_norm(mode):
     model, inputs, labels = make_case("transformer", BATCH)
     for p in model.embed.parameters():
         p.requires_grad_(False)
@@ -97,16 +107,17 @@ def test_frozen_parameters_are_untouched_and_excluded_from_the_norm():
     max_grad_norm = median_grad_norm(model, inputs, labels)
     reference = copy.deepcopy(model)
     clipped_sum = brute_force_clipped_sum(reference, inputs, labels, max_grad_norm)
-    private_step(model, inputs, labels, max_grad_norm)
+    private_step(model, inputs, labels, max_grad_norm, grad_sample_mode=mode)
     assert torch.equal(model.embed.weight, frozen_before)
     assert_step_matches(reference, model, clipped_sum, BATCH)
 
 
-def test_clipping_bounds_every_example_contribution():
+@pytest.mark.parametrize("mode", MODES)
+def test_clipping_bounds_every_example_contribution(mode):
     """A single example's contribution to the noiseless sum has norm exactly C when its gradient is larger."""
     model, inputs, labels = make_case("mlp", 1)
     inputs = inputs * 100  # a huge gradient
     before = copy.deepcopy(model)
-    private_step(model, inputs, labels, max_grad_norm=0.01)
+    private_step(model, inputs, labels, max_grad_norm=0.01, grad_sample_mode=mode)
     delta = torch.sqrt(sum((a - b).pow(2).sum() for a, b in zip(model.parameters(), before.parameters())))
     assert delta.item() == pytest.approx(LR * 0.01, rel=1e-5)

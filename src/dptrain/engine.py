@@ -84,7 +84,7 @@ class PrivacyEngine:
         loss_reduction: str = "mean",
         max_physical_batch_size: int | None = None,
         batch_first: bool = True,
-        grad_sample_mode: str = "vmap",
+        grad_sample_mode: str = "auto",
         noise_generator: torch.Generator | None = None,
     ) -> tuple[nn.Module, DPOptimizer, DataLoader]:
         """Attach per-example gradient hooks to ``module`` and return it with a DP optimizer and data loader.

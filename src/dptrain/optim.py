@@ -118,12 +118,14 @@ class DPOptimizer(Optimizer):
             self._clipped_sum = summed
         else:
             for p, g in summed.items():
-                self._clipped_sum[p] += g
+                self._clipped_sum[p] = self._clipped_sum[p] + g if p in self._clipped_sum else g
 
     def _noisy_average(self) -> None:
         std = self.noise_multiplier * self.max_grad_norm
         for p in self.params:
-            total = self._clipped_sum[p] if self._clipped_sum is not None else torch.zeros_like(p)
+            # A parameter no example's loss touched (an unused branch) has a zero clipped sum.
+            clipped = self._clipped_sum.get(p) if self._clipped_sum is not None else None
+            total = clipped if clipped is not None else torch.zeros_like(p)
             if std > 0:
                 total = total + std * self.random.normal(p.shape, dtype=p.dtype, device=p.device)
             p.grad = (total / self.expected_batch_size).to(p.dtype)

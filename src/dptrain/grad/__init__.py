@@ -1,13 +1,18 @@
-"""Per-example gradient engines: the torch.func reference (``vmap``)."""
+"""Per-example gradient engines: ``auto`` (fast, single backward) and ``vmap`` (the torch.func reference)."""
+
+from torch import nn
 
 from dptrain.grad.base import GradSampler, MaterializedGradients, PerExampleGradients
+from dptrain.grad.fast import FastGradSampler
 from dptrain.grad.vmap import VmapGradSampler
 
-GRAD_SAMPLE_MODES = ("vmap",)
+GRAD_SAMPLE_MODES = ("auto", "vmap")
 
 
-def make_grad_sampler(mode: str, module, batch_first: bool, loss_reduction: str) -> GradSampler:
+def make_grad_sampler(mode: str, module: nn.Module, batch_first: bool, loss_reduction: str) -> GradSampler:
     """The per-example gradient engine for ``mode``, attached to ``module``."""
+    if mode == "auto":
+        return FastGradSampler(module, batch_first=batch_first, loss_reduction=loss_reduction)
     if mode == "vmap":
         return VmapGradSampler(module, batch_first=batch_first, loss_reduction=loss_reduction)
     raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {mode!r}")
@@ -15,6 +20,7 @@ def make_grad_sampler(mode: str, module, batch_first: bool, loss_reduction: str)
 
 __all__ = [
     "GRAD_SAMPLE_MODES",
+    "FastGradSampler",
     "GradSampler",
     "MaterializedGradients",
     "PerExampleGradients",

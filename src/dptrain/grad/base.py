@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -72,3 +74,18 @@ class GradSampler(ABC):
     @abstractmethod
     def detach(self) -> None:
         """Remove every hook from the module."""
+
+
+class ReplayGuard:
+    """Shared by every hook of one engine: while a replay (a vmap re-run of a forward) runs, hooks record nothing."""
+
+    def __init__(self) -> None:
+        self.active = False
+
+    @contextmanager
+    def replaying(self) -> Iterator[None]:
+        previous, self.active = self.active, True
+        try:
+            yield
+        finally:
+            self.active = previous

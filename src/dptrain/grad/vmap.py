@@ -17,7 +17,7 @@ from torch import nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
-from dptrain.grad.base import GradSampler, MaterializedGradients
+from dptrain.grad.base import GradSampler, MaterializedGradients, ReplayGuard
 
 
 @dataclass
@@ -33,12 +33,22 @@ class _BackwardRecord:
 class VmapGradSampler(GradSampler):
     """Per-example gradients of ``module`` by torch.func (functional_call + vjp + vmap)."""
 
-    def __init__(self, module: nn.Module, batch_first: bool = True, loss_reduction: str = "mean") -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        batch_first: bool = True,
+        loss_reduction: str = "mean",
+        guard: ReplayGuard | None = None,
+        kwarg_batch_dims: dict[str, int] | None = None,
+    ) -> None:
+        """``guard`` is shared with other hooks of the same engine; ``kwarg_batch_dims`` overrides the batch
+        dimension of named keyword arguments (nn.MultiheadAttention's key_padding_mask is batch-first always)."""
         self.module = module
         self.batch_dim = 0 if batch_first else 1
         self.loss_reduction = loss_reduction
+        self.guard = guard or ReplayGuard()
+        self.kwarg_batch_dims = kwarg_batch_dims or {}
         self._records: list[_BackwardRecord] = []
-        self._replaying = False
         self._handle = module.register_forward_hook(self._on_forward, with_kwargs=True)
 
     def _batch_size(self, inputs: tuple[tuple, dict]) -> int:
@@ -51,7 +61,7 @@ class VmapGradSampler(GradSampler):
         )
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if self._replaying or not torch.is_grad_enabled():
+        if self.guard.active or not torch.is_grad_enabled():
             return
         leaves = tree_flatten(output)[0]
         tracked = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
@@ -101,10 +111,19 @@ class VmapGradSampler(GradSampler):
         def is_batched(leaf: Any) -> bool:
             return isinstance(leaf, torch.Tensor) and leaf.dim() > batch_dim and leaf.shape[batch_dim] == batch_size
 
-        input_dims = tree_map(lambda t: batch_dim if is_batched(t) else None, record.inputs)
+        args, kwargs = record.inputs
+        input_dims = (
+            tree_map(lambda t: batch_dim if is_batched(t) else None, args),
+            {
+                key: tree_map(lambda t: batch_dim if is_batched(t) else None, value)
+                if key not in self.kwarg_batch_dims
+                else (self.kwarg_batch_dims[key] if isinstance(value, torch.Tensor) else None)
+                for key, value in kwargs.items()
+            },
+        )
 
         def one_example(weights: dict, inputs: tuple[tuple, dict], output_grads: list[torch.Tensor]) -> dict:
-            batched = tree_map(lambda t, d: t.unsqueeze(batch_dim) if d is not None else t, inputs, input_dims)
+            batched = tree_map(lambda t, d: t.unsqueeze(d) if d is not None else t, inputs, input_dims)
 
             def outputs_of(w: dict) -> tuple:
                 args, kwargs = batched
@@ -114,16 +133,12 @@ class VmapGradSampler(GradSampler):
             _, pullback = vjp(outputs_of, weights)
             return pullback(tuple(output_grads))[0]
 
-        self._replaying = True
-        try:
-            with warnings.catch_warnings():
-                # Layers without a batching rule (LSTM, CPU attention) run per example under vmap: expected here.
-                warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
-                per_name = vmap(
-                    one_example, in_dims=(None, input_dims, batch_dim), randomness="different"
-                )(trainable, record.inputs, record.output_grads)
-        finally:
-            self._replaying = False
+        with self.guard.replaying(), warnings.catch_warnings():
+            # Layers without a batching rule (LSTM, CPU attention) run per example under vmap: expected here.
+            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
+            per_name = vmap(one_example, in_dims=(None, input_dims, batch_dim), randomness="different")(
+                trainable, record.inputs, record.output_grads
+            )
         scale = float(batch_size) if self.loss_reduction == "mean" else 1.0
         per_param = {p: per_name[names[p]] * scale for p in params}
         return MaterializedGradients(per_param, batch_size)

@@ -1,0 +1,77 @@
+"""Per-layer rules of the fast engine: per-example gradient norms and clipped sums from one backward pass.
+
+A rule sees one call of a layer: its input ``activation`` (batch first) and the gradient of the loss with respect
+to its output ``output_grad`` (batch first, already scaled to per-example losses). Adding a layer type is adding a
+module here that registers a ``LayerRule`` for it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LayerCall:
+    """One forward call of a layer and the output gradient its backward produced."""
+
+    module: nn.Module
+    activation: torch.Tensor
+    output_grad: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.output_grad.shape[0]
+
+
+class LayerRule(ABC):
+    """Exact per-example quantities of one layer type, for the layer's own (direct) parameters."""
+
+    @abstractmethod
+    def per_example(self, call: LayerCall) -> dict[str, torch.Tensor]:
+        """Materialised per-example gradients, name -> (batch, *param.shape)."""
+
+    def squared_norms(self, call: LayerCall) -> dict[str, torch.Tensor]:
+        """Per-example squared gradient norm of each parameter, name -> (batch,). Override when cheaper."""
+        return {name: g.flatten(1).pow(2).sum(1) for name, g in self.per_example(call).items()}
+
+    def weighted_sum(self, call: LayerCall, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """sum_i weights[i] * g_i for each parameter, name -> param.shape. Override when cheaper."""
+        return {name: torch.einsum("b,b...->...", weights, g) for name, g in self.per_example(call).items()}
+
+
+RULES: dict[type[nn.Module], LayerRule] = {}
+_NAMED_RULES: dict[str, LayerRule] = {}
+
+
+def register_rule(*module_types: type[nn.Module]) -> Callable[[type[LayerRule]], type[LayerRule]]:
+    """Class decorator: use this rule for exactly these module types (not subclasses, which may change forward)."""
+
+    def register(rule_class: type[LayerRule]) -> type[LayerRule]:
+        for module_type in module_types:
+            RULES[module_type] = rule_class()
+        return rule_class
+
+    return register
+
+
+def register_rule_by_name(qualified_name: str, rule: LayerRule) -> None:
+    """Rule for a class from an optional dependency, matched by ``module.qualname`` without importing it."""
+    _NAMED_RULES[qualified_name] = rule
+
+
+def rule_for(module: nn.Module) -> LayerRule | None:
+    cls = type(module)
+    return RULES.get(cls) or _NAMED_RULES.get(f"{cls.__module__}.{cls.__qualname__}")
+
+
+def trainable(module: nn.Module, name: str) -> bool:
+    p = getattr(module, name, None)
+    return isinstance(p, nn.Parameter) and p.requires_grad
+
+
+from dptrain.grad.layers import conv, embedding, linear, norm  # noqa: E402,F401  (registration)

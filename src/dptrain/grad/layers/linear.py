@@ -1,0 +1,80 @@
+"""Linear layers (nn.Linear, Hugging Face GPT-2's Conv1D): ghost norm or materialisation, whichever is cheaper.
+
+Input a (B, T, d), output gradient g (B, T, p): example i's weight gradient is G_i = sum_t g_it a_it^T.
+||G_i||^2 = sum_{t,s} (a_it . a_is)(g_it . g_is) costs O(T^2 (d + p)) per example (ghost norm, Li et al. 2022);
+materialising G_i costs O(T d p). The clipped sum sum_i c_i G_i = (c * g)^T a needs neither (book-keeping).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dptrain.grad.layers import LayerCall, LayerRule, register_rule, register_rule_by_name, trainable
+from torch import nn
+
+
+def _as_sequence(call: LayerCall) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activation (B, T, d) and output gradient (B, T, p), with every middle dimension folded into T."""
+    batch = call.batch_size
+    a = call.activation.reshape(batch, -1, call.activation.shape[-1])
+    g = call.output_grad.reshape(batch, -1, call.output_grad.shape[-1])
+    return a, g
+
+
+def ghost_is_cheaper(steps: int, d_in: int, d_out: int) -> bool:
+    return steps * steps * (d_in + d_out) < steps * d_in * d_out
+
+
+class LinearRule(LayerRule):
+    """y = a W^T + b with W (out, in); ``transposed`` for Conv1D's W (in, out)."""
+
+    transposed = False
+
+    def _weight_grads(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        pattern = "btd,btp->bdp" if self.transposed else "btp,btd->bpd"
+        return torch.einsum(pattern, a, g) if self.transposed else torch.einsum(pattern, g, a)
+
+    def per_example(self, call: LayerCall) -> dict[str, torch.Tensor]:
+        a, g = _as_sequence(call)
+        out = {}
+        if trainable(call.module, "weight"):
+            out["weight"] = self._weight_grads(a, g)
+        if trainable(call.module, "bias"):
+            out["bias"] = g.sum(1)
+        return out
+
+    def squared_norms(self, call: LayerCall) -> dict[str, torch.Tensor]:
+        a, g = _as_sequence(call)
+        out = {}
+        if trainable(call.module, "weight"):
+            steps, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
+            if steps == 1:
+                out["weight"] = a[:, 0].pow(2).sum(1) * g[:, 0].pow(2).sum(1)
+            elif ghost_is_cheaper(steps, d_in, d_out):
+                out["weight"] = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+            else:
+                out["weight"] = self._weight_grads(a, g).flatten(1).pow(2).sum(1)
+        if trainable(call.module, "bias"):
+            out["bias"] = g.sum(1).pow(2).sum(1)
+        return out
+
+    def weighted_sum(self, call: LayerCall, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        a, g = _as_sequence(call)
+        weighted = g * weights.to(g.dtype)[:, None, None]
+        out = {}
+        if trainable(call.module, "weight"):
+            flat_a, flat_g = a.reshape(-1, a.shape[-1]), weighted.reshape(-1, g.shape[-1])
+            out["weight"] = flat_a.T @ flat_g if self.transposed else flat_g.T @ flat_a
+        if trainable(call.module, "bias"):
+            out["bias"] = weighted.sum((0, 1))
+        return out
+
+
+register_rule(nn.Linear)(LinearRule)
+
+
+class TransposedLinearRule(LinearRule):
+    transposed = True
+
+
+register_rule_by_name("transformers.pytorch_utils.Conv1D", TransposedLinearRule())

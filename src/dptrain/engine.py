@@ -8,12 +8,15 @@ passed, whose ``state_dict`` keys and save/load behaviour are unchanged.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 import weakref
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
@@ -58,6 +61,14 @@ def _warn_weak_delta(delta: float, dataset_size: int | None) -> None:
         )
 
 
+def _sampling_source(secure: bool, generator: torch.Generator | None, rank: int, world_size: int) -> RandomSource:
+    """Randomness for Poisson sampling: independent across ranks (correlated shards would break the analysis)."""
+    if secure or world_size == 1:
+        return RandomSource(secure=secure, generator=generator)
+    seed = generator.initial_seed() + 1 + rank if generator is not None else int.from_bytes(os.urandom(8), "big") >> 1
+    return RandomSource(generator=torch.Generator().manual_seed(seed))
+
+
 class PrivacyEngine:
     """Owns the privacy accounting of every model made private with it.
 
@@ -97,13 +108,16 @@ class PrivacyEngine:
         _check_positive(max_grad_norm, "max_grad_norm")
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
-        if module in _PRIVATE_MODULES:
+        if module in _PRIVATE_MODULES or getattr(module, "module", None) in _PRIVATE_MODULES:
             raise ValueError("this module is already private; make_private must be called once per module")
         errors = ModuleValidator.validate(module)
         if errors:
             details = "\n  ".join(str(e) for e in errors)
             raise ValueError(f"the model has layers that break per-example privacy:\n  {details}")
-        params = self._private_params(module, optimizer)
+        distributed = isinstance(module, DistributedDataParallel)
+        rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        hooked = module.module if distributed else module
+        params = self._private_params(hooked, optimizer)
         dataset_size = _dataset_size(data_loader)
         steps_per_epoch = len(data_loader)
         self.dataset_size = dataset_size
@@ -111,9 +125,11 @@ class PrivacyEngine:
         random = RandomSource(secure=self.secure_mode, generator=noise_generator)
         signal = ChunkSignal()
         if poisson_sampling:
+            # The whole dataset is sampled at rate q = 1/len(data_loader): one epoch sees N examples in expectation.
             sample_rate = 1.0 / steps_per_epoch
             expected_batch_size = sample_rate * dataset_size
-            batch_sampler = PoissonBatchSampler(dataset_size, sample_rate, steps_per_epoch, random)
+            sampling = _sampling_source(self.secure_mode, noise_generator, rank, world_size)
+            batch_sampler = PoissonBatchSampler(dataset_size, sample_rate, steps_per_epoch, sampling, rank, world_size)
         else:
             if data_loader.batch_size is None:
                 raise ValueError(
@@ -125,13 +141,13 @@ class PrivacyEngine:
                 "Use poisson_sampling=True for a guarantee that holds.",
                 stacklevel=2,
             )
-            sample_rate = data_loader.batch_size / dataset_size
-            expected_batch_size = float(data_loader.batch_size)
+            sample_rate = data_loader.batch_size * world_size / dataset_size
+            expected_batch_size = float(data_loader.batch_size * world_size)
             batch_sampler = data_loader.batch_sampler
         private_loader = DPDataLoader(data_loader, batch_sampler, signal, max_physical_batch_size)
 
-        grad_sampler = make_grad_sampler(grad_sample_mode, module, batch_first, loss_reduction)
-        _PRIVATE_MODULES.add(module)
+        grad_sampler = make_grad_sampler(grad_sample_mode, hooked, batch_first, loss_reduction)
+        _PRIVATE_MODULES.add(hooked)
 
         def record_step(opt: DPOptimizer) -> None:
             self.accountant.step(sample_rate, opt.noise_multiplier)
@@ -146,6 +162,7 @@ class PrivacyEngine:
             random=random,
             signal=signal,
             on_step=record_step,
+            distributed=distributed,
         )
         dp_optimizer.sample_rate = sample_rate
         self.optimizers.append(dp_optimizer)

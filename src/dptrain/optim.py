@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
@@ -46,7 +47,10 @@ class DPOptimizer(Optimizer):
         random: RandomSource,
         signal: ChunkSignal | None = None,
         on_step: Callable[["DPOptimizer"], None] | None = None,
+        distributed: bool = False,
     ) -> None:
+        """With ``distributed``, each rank clips its own examples, the clipped sums are summed across ranks and
+        rank 0 alone adds the noise, so each logical step carries the noise once."""
         # Deliberately no super().__init__: parameter groups and state live in the wrapped optimizer.
         self.original_optimizer = optimizer
         self.params = params
@@ -57,6 +61,7 @@ class DPOptimizer(Optimizer):
         self.random = random
         self.signal = signal or ChunkSignal()
         self.on_step = on_step
+        self.distributed = distributed
         self.steps_taken = 0
         self._clipped_sum: dict[nn.Parameter, torch.Tensor] | None = None
 
@@ -122,13 +127,21 @@ class DPOptimizer(Optimizer):
 
     def _noisy_average(self) -> None:
         std = self.noise_multiplier * self.max_grad_norm
+        add_noise = std > 0 and (not self.distributed or dist.get_rank() == 0)
+        totals = []
         for p in self.params:
             # A parameter no example's loss touched (an unused branch) has a zero clipped sum.
             clipped = self._clipped_sum.get(p) if self._clipped_sum is not None else None
-            total = clipped if clipped is not None else torch.zeros_like(p)
-            if std > 0:
+            total = clipped.to(p.dtype) if clipped is not None else torch.zeros_like(p)
+            if add_noise:
                 total = total + std * self.random.normal(p.shape, dtype=p.dtype, device=p.device)
-            p.grad = (total / self.expected_batch_size).to(p.dtype)
+            totals.append(total)
+        if self.distributed:
+            flat = torch.cat([t.flatten() for t in totals])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            totals = list(flat.split([t.numel() for t in totals]))
+        for p, total in zip(self.params, totals):
+            p.grad = (total / self.expected_batch_size).view_as(p)
         self._clipped_sum = None
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

@@ -19,27 +19,43 @@ from dptrain.randomness import RandomSource
 
 
 class PoissonBatchSampler(Sampler[list[int]]):
-    """``steps`` batches; each contains every index of ``range(num_samples)`` independently with prob ``sample_rate``."""
+    """``steps`` batches; each contains every index of ``range(num_samples)`` independently with prob ``sample_rate``.
 
-    def __init__(self, num_samples: int, sample_rate: float, steps: int, random: RandomSource | None = None) -> None:
+    Under ``torch.distributed`` each of ``world_size`` ranks samples only its shard (indices congruent to ``rank``
+    modulo ``world_size``) with the same rate and its own random stream, so the union over ranks is a Poisson sample
+    of the whole dataset.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        sample_rate: float,
+        steps: int,
+        random: RandomSource | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         if num_samples <= 0:
             raise ValueError(f"num_samples must be > 0, got {num_samples}")
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         if steps <= 0:
             raise ValueError(f"steps must be > 0, got {steps}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank {rank} of {world_size}")
         self.num_samples = num_samples
         self.sample_rate = sample_rate
         self.steps = steps
         self.random = random or RandomSource()
+        self.shard = torch.arange(rank, num_samples, world_size)
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self) -> Iterator[list[int]]:
         for _ in range(self.steps):
-            included = self.random.uniform(self.num_samples) < self.sample_rate
-            yield included.nonzero().flatten().tolist()
+            included = self.random.uniform(len(self.shard)) < self.sample_rate
+            yield self.shard[included].tolist()
 
 
 class ChunkSignal:

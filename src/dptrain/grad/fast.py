@@ -30,6 +30,30 @@ def _batch_first_of(module: nn.Module, default: bool) -> bool:
     return bool(getattr(module, "batch_first", default)) if isinstance(module, (nn.RNNBase, nn.MultiheadAttention)) else default
 
 
+def _is_shared_input(module: nn.Module, activation: torch.Tensor, batch_size: int) -> bool:
+    """Whether a layer's input is one tensor shared by all examples rather than a batch.
+
+    Shared: a leading dimension of 1 in a batch of several, no batch-sized leading dimension at all, or an
+    Embedding looking up ``arange(n)`` (position ids), even when n happens to equal the batch size.
+    """
+    if activation.dim() == 0:
+        return True
+    if batch_size > 1 and activation.shape[0] == 1:
+        return True
+    if isinstance(module, nn.Embedding) and activation.dim() == 1:
+        positions = torch.arange(activation.shape[0], device=activation.device, dtype=activation.dtype)
+        if torch.equal(activation, positions):
+            return True
+    return activation.shape[0] != batch_size and not (activation.dim() >= 2 and activation.shape[1] == batch_size)
+
+
+def _expand_shared(tensor: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """A (batch_size, ...) view of a shared tensor: its leading 1 expanded, or a new leading dimension."""
+    if tensor.dim() > 0 and tensor.shape[0] == 1:
+        return tensor.expand(batch_size, *tensor.shape[1:])
+    return tensor.unsqueeze(0).expand(batch_size, *tensor.shape)
+
+
 class _FastGradients(PerExampleGradients):
     """Per-example norms and weighted sums over layer calls, materialising only parameters used more than once."""
 
@@ -44,7 +68,7 @@ class _FastGradients(PerExampleGradients):
         self.fallback = fallback
         self.params = params
         self.batch_size = batch_size
-        uses = Counter(p for _, call in calls for p in self._owned(call))
+        uses = Counter(p for _, call in calls for p in self._owned(call).values())
         self.shared: dict[nn.Parameter, torch.Tensor] = {}
         for rule, call in calls:
             owned = self._owned(call)
@@ -143,16 +167,28 @@ class FastGradSampler(GradSampler):
                 return
 
     def _fast_hook(self, rule: LayerRule, path: str):
-        def on_forward(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        def on_forward(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
             if self.guard.active or not torch.is_grad_enabled():
-                return
+                return None
             if not isinstance(output, torch.Tensor) or not output.requires_grad:
-                return
+                return None
             activation = args[0].detach()
             if self.batch_dim != 0:
                 activation = activation.movedim(self.batch_dim, 0)
             batch_size = self._batch_size
-            if batch_size is not None and activation.shape[0] != batch_size:
+            replaced = None
+            if batch_size is not None and _is_shared_input(module, activation, batch_size):
+                if self.batch_dim != 0:
+                    raise RuntimeError(
+                        f"layer {path or '<root>'} ({type(module).__name__}) is applied to an input shared by all "
+                        "examples; with batch_first=False use grad_sample_mode='vmap'"
+                    )
+                # A layer applied to one input shared by every example (position ids, a learned query): give each
+                # example its own copy of the output, so the backward pass yields per-example output gradients.
+                # Downstream broadcasting sees the same values and shapes.
+                activation, replaced = _expand_shared(activation, batch_size), _expand_shared(output, batch_size)
+                output = replaced
+            elif batch_size is not None and (activation.dim() == 0 or activation.shape[0] != batch_size):
                 raise RuntimeError(
                     f"layer {path or '<root>'} ({type(module).__name__}) got an input whose batch dimension "
                     f"{self.batch_dim} has size {activation.shape[0]}, but the model's batch has {batch_size} "
@@ -169,6 +205,7 @@ class FastGradSampler(GradSampler):
                 self._calls.append((rule, LayerCall(module, activation, g)))
 
             output.register_hook(on_output_grad)
+            return replaced
 
         return on_forward
 

@@ -22,8 +22,13 @@ class UnsupportedModuleError(ValueError):
 
 
 def _group_norm_for(bn: _BatchNorm) -> nn.GroupNorm:
+    """GroupNorm(gcd(32, C), C) for 2-D/3-D BatchNorm; GroupNorm(1, C) for BatchNorm1d.
+
+    BatchNorm1d often normalises plain (N, C) features: there a group of one channel has a single value per example
+    and would normalise it to a constant, so all channels form one group instead.
+    """
     channels = bn.num_features
-    groups = math.gcd(32, channels)
+    groups = 1 if isinstance(bn, nn.BatchNorm1d) else math.gcd(32, channels)
     return nn.GroupNorm(groups, channels, eps=bn.eps, affine=bn.affine)
 
 
@@ -64,7 +69,8 @@ class ModuleValidator:
 
     @staticmethod
     def fix(module: nn.Module) -> nn.Module:
-        """A copy of ``module`` with every BatchNorm replaced by GroupNorm(gcd(32, C), C); the input is untouched."""
+        """A copy of ``module`` with every BatchNorm replaced by GroupNorm (see ``_group_norm_for``); the input is
+        untouched."""
         fixed = copy.deepcopy(module)
         if isinstance(fixed, _BatchNorm):
             return _group_norm_for(fixed)

@@ -38,7 +38,7 @@ class MaterializedGradients(PerExampleGradients):
     def squared_norms(self) -> torch.Tensor:
         total = None
         for g in self.per_param.values():
-            sq = g.reshape(self.batch_size, -1).pow(2).sum(dim=1)
+            sq = g.flatten(1).pow(2).sum(dim=1)
             total = sq if total is None else total + sq
         if total is None:
             raise RuntimeError("no parameters to clip")

@@ -226,8 +226,11 @@ class FastGradSampler(GradSampler):
         sizes = {call.batch_size for _, call in calls} | ({fallback.batch_size} if fallback is not None else set())
         if len(sizes) != 1:
             raise RuntimeError(f"layers saw different batch sizes {sorted(sizes)} before one optimizer.step()")
+        batch_size = sizes.pop()
+        if batch_size == 0:  # an empty Poisson batch: no example, nothing to clip
+            return MaterializedGradients({p: p.new_zeros((0, *p.shape)) for p in params}, 0)
         self._check_coverage(calls, fallback, wanted)
-        return _FastGradients(calls, fallback, wanted, sizes.pop())
+        return _FastGradients(calls, fallback, wanted, batch_size)
 
     def _check_coverage(
         self, calls: list[tuple[LayerRule, LayerCall]], fallback: MaterializedGradients | None, wanted: set

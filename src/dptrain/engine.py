@@ -8,6 +8,7 @@ passed, whose ``state_dict`` keys and save/load behaviour are unchanged.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import warnings
 import weakref
@@ -34,7 +35,7 @@ _PRIVATE_MODULES: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 def _check_positive(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (value > 0 and math.isfinite(value)):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
@@ -61,6 +62,13 @@ def _warn_weak_delta(delta: float, dataset_size: int | None) -> None:
         )
 
 
+def _refuse_invalid_model(module: nn.Module) -> None:
+    errors = ModuleValidator.validate(module)
+    if errors:
+        details = "\n  ".join(str(e) for e in errors)
+        raise ValueError(f"the model has layers that break per-example privacy:\n  {details}")
+
+
 def _sampling_source(secure: bool, generator: torch.Generator | None, rank: int, world_size: int) -> RandomSource:
     """Randomness for Poisson sampling: independent across ranks (correlated shards would break the analysis)."""
     if secure or world_size == 1:
@@ -82,6 +90,7 @@ class PrivacyEngine:
         self.secure_mode = secure_mode
         self.dataset_size: int | None = None
         self.optimizers: list[DPOptimizer] = []
+        self._pending_optimizer_states: list[dict[str, Any]] = []  # loaded before make_private
 
     def make_private(
         self,
@@ -110,10 +119,7 @@ class PrivacyEngine:
             raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
         if module in _PRIVATE_MODULES or getattr(module, "module", None) in _PRIVATE_MODULES:
             raise ValueError("this module is already private; make_private must be called once per module")
-        errors = ModuleValidator.validate(module)
-        if errors:
-            details = "\n  ".join(str(e) for e in errors)
-            raise ValueError(f"the model has layers that break per-example privacy:\n  {details}")
+        _refuse_invalid_model(module)
         distributed = isinstance(module, DistributedDataParallel)
         rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         hooked = module.module if distributed else module
@@ -165,6 +171,8 @@ class PrivacyEngine:
             distributed=distributed,
         )
         dp_optimizer.sample_rate = sample_rate
+        if self._pending_optimizer_states:
+            self._restore_optimizer(dp_optimizer, self._pending_optimizer_states.pop(0))
         self.optimizers.append(dp_optimizer)
         return module, dp_optimizer, private_loader
 
@@ -183,9 +191,11 @@ class PrivacyEngine:
         """``make_private`` with the smallest noise multiplier that keeps ``epochs`` epochs within the target."""
         _check_positive(target_epsilon, "target_epsilon")
         check_delta(target_delta, "target_delta")
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs <= 0:
+        if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs <= 0:
             raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+        epochs = int(epochs)
         _check_positive(max_grad_norm, "max_grad_norm")
+        _refuse_invalid_model(module)  # before calibration, which takes seconds
         dataset_size = _dataset_size(data_loader)
         _warn_weak_delta(target_delta, dataset_size)
         steps_per_epoch = len(data_loader)
@@ -242,8 +252,17 @@ class PrivacyEngine:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the accountant; optimizer state (step count, noise generator) applies to the optimizers made
+        private so far, in order, and to those made private later for the rest."""
         self.accountant.load_state_dict(state["accountant"])
         self.dataset_size = state.get("dataset_size")
-        for opt, opt_state in zip(self.optimizers, state.get("optimizers", [])):
-            opt.steps_taken = opt_state["steps_taken"]
-            opt.random.load_state_dict(opt_state["random"])
+        optimizer_states = list(state.get("optimizers", []))
+        for opt in self.optimizers:
+            if optimizer_states:
+                self._restore_optimizer(opt, optimizer_states.pop(0))
+        self._pending_optimizer_states = optimizer_states
+
+    @staticmethod
+    def _restore_optimizer(optimizer: DPOptimizer, state: dict[str, Any]) -> None:
+        optimizer.steps_taken = state["steps_taken"]
+        optimizer.random.load_state_dict(state["random"])

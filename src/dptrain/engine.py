@@ -12,7 +12,9 @@ import numbers
 import os
 import warnings
 import weakref
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -27,6 +29,9 @@ from dptrain.optim import DPOptimizer
 from dptrain.randomness import RandomSource
 from dptrain.sampling import ChunkSignal, DPDataLoader, PoissonBatchSampler
 from dptrain.validators import ModuleValidator
+
+if TYPE_CHECKING:
+    from dptrain.budget import BudgetLedger
 
 LOSS_REDUCTIONS = ("mean", "sum")
 
@@ -77,15 +82,43 @@ def _sampling_source(secure: bool, generator: torch.Generator | None, rank: int,
     return RandomSource(generator=torch.Generator().manual_seed(seed))
 
 
+@dataclass
+class _Reservation:
+    """A ledger reservation held for one private optimizer, settled by ``PrivacyEngine.close``."""
+
+    optimizer: DPOptimizer
+    entry_id: int | None  # None on ranks other than 0, which do not write to the ledger
+    first_step: int
+
+
 class PrivacyEngine:
     """Owns the privacy accounting of every model made private with it.
 
     ``accountant``: "pld" (default, tightest) or "rdp". ``secure_mode``: draw sampling and noise from the OS
-    cryptographic generator instead of torch's (see ``dptrain.randomness``).
+    cryptographic generator instead of torch's (see ``dptrain.randomness``). ``ledger`` and ``budget``: charge every
+    run to a persistent privacy budget (``dptrain.budget``): the planned or allowed steps are reserved before
+    training, ``optimizer.step()`` raises ``BudgetExhausted`` once they are used, and ``close()`` settles the
+    reservation to the steps actually taken. ``on_budget_exhausted`` is called once, with the engine, after the
+    last step the budget allows.
     """
 
-    def __init__(self, accountant: str = "pld", secure_mode: bool = False) -> None:
+    def __init__(
+        self,
+        accountant: str = "pld",
+        secure_mode: bool = False,
+        ledger: "BudgetLedger | None" = None,
+        budget: str | None = None,
+        on_budget_exhausted: "Callable[[PrivacyEngine], None] | None" = None,
+    ) -> None:
         check_accountant(accountant)
+        if (ledger is None) != (budget is None):
+            raise ValueError("pass both ledger= and budget= (the budget's name) to charge a budget, or neither")
+        if ledger is not None:
+            ledger.budget(budget)  # an unknown budget fails here, before any work
+        self.ledger = ledger
+        self.budget = budget
+        self.on_budget_exhausted = on_budget_exhausted
+        self._reservations: list[_Reservation] = []
         self.accountant = Accountant(accountant)
         self.secure_mode = secure_mode
         self.dataset_size: int | None = None
@@ -111,8 +144,40 @@ class PrivacyEngine:
 
         Every ``optimizer.step()`` at the end of a logical batch clips each example's gradient to
         ``max_grad_norm``, adds N(0, (noise_multiplier * max_grad_norm)^2) noise, divides by the expected batch
-        size and calls the wrapped optimizer's step; the engine records the step for ``get_epsilon``.
+        size and calls the wrapped optimizer's step; the engine records the step for ``get_epsilon``. With a
+        ledger, as many steps as the budget has left are reserved.
         """
+        return self._make_private(
+            module=module,
+            optimizer=optimizer,
+            data_loader=data_loader,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            poisson_sampling=poisson_sampling,
+            loss_reduction=loss_reduction,
+            max_physical_batch_size=max_physical_batch_size,
+            batch_first=batch_first,
+            grad_sample_mode=grad_sample_mode,
+            noise_generator=noise_generator,
+            planned_steps=None,
+        )
+
+    def _make_private(
+        self,
+        *,
+        module: nn.Module,
+        optimizer: Optimizer,
+        data_loader: DataLoader,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        poisson_sampling: bool,
+        loss_reduction: str,
+        max_physical_batch_size: int | None,
+        batch_first: bool,
+        grad_sample_mode: str,
+        noise_generator: torch.Generator | None,
+        planned_steps: int | None,
+    ) -> tuple[nn.Module, DPOptimizer, DataLoader]:
         check_noise_multiplier(noise_multiplier)
         _check_positive(max_grad_norm, "max_grad_norm")
         if loss_reduction not in LOSS_REDUCTIONS:
@@ -151,12 +216,15 @@ class PrivacyEngine:
             expected_batch_size = float(data_loader.batch_size * world_size)
             batch_sampler = data_loader.batch_sampler
         private_loader = DPDataLoader(data_loader, batch_sampler, signal, max_physical_batch_size)
+        reserved = self._reserve(sample_rate, noise_multiplier, planned_steps, rank, world_size)
 
         grad_sampler = make_grad_sampler(grad_sample_mode, hooked, batch_first, loss_reduction)
         _PRIVATE_MODULES.add(hooked)
 
         def record_step(opt: DPOptimizer) -> None:
             self.accountant.step(sample_rate, opt.noise_multiplier)
+            if opt.step_allowance is not None and opt.steps_taken == opt.step_allowance and self.on_budget_exhausted:
+                self.on_budget_exhausted(self)
 
         dp_optimizer = DPOptimizer(
             optimizer,
@@ -173,6 +241,11 @@ class PrivacyEngine:
         dp_optimizer.sample_rate = sample_rate
         if self._pending_optimizer_states:
             self._restore_optimizer(dp_optimizer, self._pending_optimizer_states.pop(0))
+        if reserved is not None:
+            entry_id, allowance = reserved
+            dp_optimizer.step_allowance = dp_optimizer.steps_taken + allowance
+            dp_optimizer.budget_name = self.budget
+            self._reservations.append(_Reservation(dp_optimizer, entry_id, dp_optimizer.steps_taken))
         self.optimizers.append(dp_optimizer)
         return module, dp_optimizer, private_loader
 
@@ -203,17 +276,69 @@ class PrivacyEngine:
             sample_rate = 1.0 / steps_per_epoch
         else:
             sample_rate = (data_loader.batch_size or 1) / dataset_size
-        noise_multiplier = calibrate_noise(
-            target_epsilon, target_delta, sample_rate, epochs * steps_per_epoch, self.accountant.kind
-        )
-        return self.make_private(
+        steps = epochs * steps_per_epoch
+        noise_multiplier = calibrate_noise(target_epsilon, target_delta, sample_rate, steps, self.accountant.kind)
+        options = {
+            "poisson_sampling": True,
+            "loss_reduction": "mean",
+            "max_physical_batch_size": None,
+            "batch_first": True,
+            "grad_sample_mode": "auto",
+            "noise_generator": None,
+        }
+        unknown = set(kwargs) - set(options)
+        if unknown:
+            raise TypeError(f"make_private_with_epsilon got unexpected arguments {sorted(unknown)}")
+        options.update(kwargs)
+        return self._make_private(
             module=module,
             optimizer=optimizer,
             data_loader=data_loader,
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,
-            **kwargs,
+            planned_steps=steps,
+            **options,
         )
+
+    def _reserve(
+        self, sample_rate: float, noise_multiplier: float, planned_steps: int | None, rank: int, world_size: int
+    ) -> tuple[int | None, int] | None:
+        """Reserve ``planned_steps`` (or all the budget allows) in the ledger: (entry id, steps allowed).
+
+        Only rank 0 writes; the allowance is broadcast so that every rank stops at the same step.
+        """
+        if self.ledger is None:
+            return None
+        entry_id, allowance = None, 0
+        if rank == 0:
+            if planned_steps is None:
+                allowance = self.ledger.max_steps(self.budget, sample_rate, noise_multiplier)
+                # With nothing left, reserving one step raises BudgetExceededError naming cap, spent and cost.
+                steps = max(allowance, 1)
+            else:
+                allowance = steps = planned_steps
+            entry_id = self.ledger.reserve(
+                self.budget, sample_rate, noise_multiplier, steps, note=f"dptrain run, {steps} steps reserved"
+            )
+        if world_size > 1:
+            shared = [allowance]
+            dist.broadcast_object_list(shared, src=0)
+            allowance = shared[0]
+        return entry_id, allowance
+
+    def close(self) -> None:
+        """Settle every ledger reservation to the steps actually taken. Idempotent."""
+        while self._reservations:
+            reservation = self._reservations.pop()
+            if reservation.entry_id is not None:
+                taken = reservation.optimizer.steps_taken - reservation.first_step
+                self.ledger.settle(reservation.entry_id, taken)
+
+    def __enter__(self) -> "PrivacyEngine":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     @staticmethod
     def _private_params(module: nn.Module, optimizer: Optimizer) -> list[nn.Parameter]:

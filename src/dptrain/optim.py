@@ -23,6 +23,21 @@ from dptrain.randomness import RandomSource
 from dptrain.sampling import ChunkSignal
 
 
+class BudgetExhausted(Exception):
+    """The privacy budget allows no further step: raised by ``optimizer.step()`` before it changes anything.
+
+    Catch it to end the training loop; the steps already taken stay recorded and are settled by
+    ``PrivacyEngine.close()``.
+    """
+
+    def __init__(self, budget: str, steps_taken: int) -> None:
+        self.budget = budget
+        self.steps_taken = steps_taken
+        super().__init__(
+            f"privacy budget {budget!r} is spent: {steps_taken} steps were taken, one more would exceed its cap"
+        )
+
+
 class NonFiniteGradientError(RuntimeError):
     """A per-example gradient was NaN or infinite: clipping it would silently turn it into noise."""
 
@@ -63,6 +78,9 @@ class DPOptimizer(Optimizer):
         self.on_step = on_step
         self.distributed = distributed
         self.steps_taken = 0
+        #: Steps the privacy budget allows this optimizer (None: no budget); set by the engine.
+        self.step_allowance: int | None = None
+        self.budget_name = ""
         self._clipped_sum: dict[nn.Parameter, torch.Tensor] | None = None
 
     # Delegation to the wrapped optimizer.
@@ -149,6 +167,9 @@ class DPOptimizer(Optimizer):
 
         Returns the closure's loss on a real step, None when only a physical chunk was accumulated.
         """
+        if self.step_allowance is not None and self.steps_taken >= self.step_allowance:
+            self.grad_sampler.discard()
+            raise BudgetExhausted(self.budget_name, self.steps_taken)
         loss = None
         if closure is not None:
             with torch.enable_grad():

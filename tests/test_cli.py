@@ -191,3 +191,12 @@ def test_readme_section_commands_run_and_print_what_they_show(tmp_path, monkeypa
             json.loads(out)
         if shown:
             assert _rounded(out) == _rounded(shown), line
+
+
+def test_audit_is_delegated_to_the_audit_command(capsys):
+    assert main(["audit", "--help"]) == 0
+    assert "usage: dptrain audit" in capsys.readouterr().out
+    code = main(["audit", "--quick", "--json", "--canaries", "60", "--epochs", "3", "--no-nonprivate", "--guesses", "10"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert report["runs"] and all("empirical_epsilon_lower_bound" in json.dumps(run) for run in report["runs"])

@@ -292,7 +292,41 @@ def _run_budget_close(args: argparse.Namespace) -> int:
 
 # -- entry point -----------------------------------------------------------------------------------------------------
 
-_COMMANDS: tuple[Callable[[Any], None], ...] = (_add_epsilon, _add_calibrate, _add_budget)
+# -- audit ------------------------------------------------------------------------------------------------------------
+# Its options live in dptrain.audit.command, which loads torch; main() hands "audit" over to it, so that the other
+# commands start without torch. It is registered here only to be listed in `dptrain --help`.
+
+
+def _add_audit(subparsers: Any) -> None:
+    subparsers.add_parser(
+        "audit",
+        add_help=False,
+        help="membership-inference and one-run audits of the demo digits model (dptrain audit --help)",
+    )
+
+
+def _run_audit(argv: list[str]) -> int:
+    from dptrain.audit.command import add_audit_arguments, run_audit_command
+
+    parser = argparse.ArgumentParser(
+        prog="dptrain audit",
+        description="Audit the demo digits model, non-private and at each --epsilon: membership inference and the "
+        "one-run empirical epsilon lower bound. Exit status 3 flags a run that leaks more than it claims.",
+        epilog="example: dptrain audit --quick --json",
+    )
+    add_audit_arguments(parser)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else EXIT_OK
+    try:
+        return run_audit_command(args)
+    except ValueError as e:
+        print(f"dptrain audit: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+_COMMANDS: tuple[Callable[[Any], None], ...] = (_add_epsilon, _add_calibrate, _add_budget, _add_audit)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -305,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``dptrain`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code instead of exiting."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["audit"]:
+        return _run_audit(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

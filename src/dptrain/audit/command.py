@@ -1,0 +1,259 @@
+"""``dptrain audit``: audit the demo digits model, non-private and at the given epsilons.
+
+For every run it holds ``--canaries`` examples of the training split out as mislabelled canaries, includes each in
+training with probability 1/2, trains once (non-private, then DP-Adam at each ``--epsilon`` with dptrain's engine),
+and reports the train/test loss-threshold membership attack, the same attack on the canaries, and the one-run
+empirical epsilon lower bound; ``--lira N`` adds LiRA with N models per run. ``--load PATH`` audits a saved
+``state_dict`` of the demo MLP instead (train/test attack only: canaries must be in training to be audited).
+
+Exit status: 0, or 3 when some run is suspicious (it leaks more than its claimed epsilon allows: a probable bug).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import warnings
+from typing import Any, TextIO
+
+import torch
+
+from dptrain.audit.digits import digits_audit_data, digits_mlp, make_digits_train_fn
+from dptrain.audit.mia import LiRAAuditResult, MembershipAuditResult, loss_threshold_attack, run_lira
+from dptrain.audit.one_run import PrivacyViolationWarning
+from dptrain.audit.training import TrainingAuditReport, audit_training_run, classification_accuracy
+
+EXIT_SUSPICIOUS = 3
+QUICK = {"epochs": 15, "canaries": 200, "epsilon": [1.0]}
+
+
+def add_audit_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the options of ``dptrain audit`` to ``parser`` (a subcommand parser or a fresh one)."""
+    parser.add_argument("--epsilon", type=float, nargs="+", default=None, help="claimed epsilons to train at (default 1 8)")
+    parser.add_argument("--delta", type=float, default=1e-5)
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs of every run (default 100)")
+    parser.add_argument("--batch-size", type=int, default=256, help="expected (Poisson) batch size")
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--canaries", type=int, default=None, help="number of canaries m (default 400)")
+    parser.add_argument("--guesses", type=int, default=None, help="guesses per side k+ = k- (default m/10)")
+    parser.add_argument("--lira", type=int, default=0, metavar="N", help="also run LiRA with N models per run")
+    parser.add_argument("--significance", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for this MLP)")
+    parser.add_argument("--no-nonprivate", action="store_true", help="skip the non-private reference run")
+    parser.add_argument("--load", metavar="PATH", help="audit a saved state_dict of the demo MLP 64-128-10 instead")
+    parser.add_argument("--claimed-epsilon", type=float, default=math.inf, help="with --load: the model's claimed eps")
+    parser.add_argument("--quick", action="store_true", help="small settings (15 epochs, 200 canaries, eps 1): seconds")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--curves", action="store_true", help="with --json: include the ROC and bound curves")
+    return parser
+
+
+def _resolve(args: argparse.Namespace) -> dict[str, Any]:
+    quick = bool(getattr(args, "quick", False))
+    epsilons = args.epsilon if args.epsilon is not None else (QUICK["epsilon"] if quick else [1.0, 8.0])
+    config = {
+        "epsilons": [float(e) for e in epsilons],
+        "delta": args.delta,
+        "epochs": args.epochs if args.epochs is not None else (QUICK["epochs"] if quick else 100),
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "max_grad_norm": args.max_grad_norm,
+        "canaries": args.canaries if args.canaries is not None else (QUICK["canaries"] if quick else 400),
+        "guesses": args.guesses,
+        "lira_models": args.lira,
+        "significance": args.significance,
+        "seed": args.seed,
+        "nonprivate": not args.no_nonprivate,
+    }
+    for e in config["epsilons"]:
+        if not (e > 0 and math.isfinite(e)):
+            raise ValueError(f"--epsilon values must be finite and > 0, got {e}")
+    if config["epochs"] <= 0 or config["canaries"] < 10:
+        raise ValueError("--epochs must be > 0 and --canaries >= 10")
+    if config["lira_models"] and config["lira_models"] < 3:
+        raise ValueError("--lira needs at least 3 models")
+    return config
+
+
+def _fmt(value: float | None, spec: str = ".3f") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return format(value, spec)
+
+
+def _mia_cells(result: MembershipAuditResult | None) -> list[str]:
+    if result is None:
+        return ["-"] * 4
+    return [
+        _fmt(result.auc),
+        _fmt(result.tpr_at_fpr.get(0.001)),
+        _fmt(result.tpr_at_fpr.get(0.01)),
+        _fmt(result.epsilon_lower_bound, ".2f"),
+    ]
+
+
+HEADER = [
+    "run", "claimed eps", "test acc", "MIA AUC", "TPR@0.1%", "TPR@1%", "MIA eps LB",
+    "canary AUC", "canary eps LB", "one-run correct", "one-run eps LB", "verdict",
+]
+
+
+def _report_row(report: TrainingAuditReport) -> list[str]:
+    one = report.one_run
+    return [
+        report.name,
+        _fmt(report.claimed_epsilon, ".2f"),
+        _fmt(report.test_accuracy),
+        *_mia_cells(report.membership),
+        _fmt(report.canary_membership.auc),
+        _fmt(report.canary_membership.epsilon_lower_bound, ".2f"),
+        f"{one.num_correct}/{one.num_guesses}",
+        _fmt(one.empirical_epsilon_lower_bound, ".2f"),
+        "SUSPICIOUS" if report.suspicious else "ok",
+    ]
+
+
+def format_table(rows: list[list[str]], header: list[str]) -> str:
+    """A plain fixed-width table."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        # First column left-aligned (names), the others right-aligned (numbers).
+        return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
+
+
+def _lira_rows(name: str, lira: LiRAAuditResult) -> list[list[str]]:
+    return [
+        [f"{name} / {r.attack}", _fmt(lira.claimed_epsilon, ".2f"), _fmt(r.auc), _fmt(r.tpr_at_fpr.get(0.001)),
+         _fmt(r.tpr_at_fpr.get(0.01)), _fmt(r.epsilon_lower_bound, ".2f"), "SUSPICIOUS" if r.violates_bound else "ok"]
+        for r in (lira.online, lira.offline)
+    ]
+
+
+LIRA_HEADER = ["run / attack", "claimed eps", "AUC", "TPR@0.1%", "TPR@1%", "eps LB", "verdict"]
+
+
+def _audit_loaded(args: argparse.Namespace, config: dict[str, Any], out: TextIO) -> int:
+    from dptrain.demo import load_digits_split
+
+    train, test = load_digits_split()
+    model = digits_mlp()
+    model.load_state_dict(torch.load(args.load, map_location="cpu", weights_only=True))
+    result = loss_threshold_attack(
+        model, train, test, claimed_epsilon=args.claimed_epsilon, delta=config["delta"], significance=config["significance"]
+    )
+    accuracy = classification_accuracy(model, test)
+    if args.json:
+        payload = {"model": args.load, "test_accuracy": accuracy, "membership": result.to_dict(args.curves),
+                   "suspicious": result.violates_bound}
+        print(json.dumps(payload), file=out)
+    else:
+        header = ["model", "claimed eps", "test acc", "MIA AUC", "TPR@0.1%", "TPR@1%", "MIA eps LB", "verdict"]
+        row = [args.load, _fmt(args.claimed_epsilon, ".2f"), _fmt(accuracy), *_mia_cells(result),
+               "SUSPICIOUS" if result.violates_bound else "ok"]
+        print(format_table([row], header), file=out)
+        print("\n" + result.message(), file=out)
+    return EXIT_SUSPICIOUS if result.violates_bound else 0
+
+
+def run_audit_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Run ``dptrain audit`` with parsed ``args``; print a table (or one JSON object with ``--json``) to ``out``."""
+    out = out or sys.stdout
+    config = _resolve(args)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, getattr(args, "threads", 1)))
+    try:
+        if args.load:
+            return _audit_loaded(args, config, out)
+        return _audit_demo(args, config, out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _audit_demo(args: argparse.Namespace, config: dict[str, Any], out: TextIO) -> int:
+    train_set, test_set, canaries = digits_audit_data(config["canaries"], seed=config["seed"])
+    runs: list[tuple[str, float | None]] = [("non-private", None)] if config["nonprivate"] else []
+    runs += [(f"eps={e:g}", e) for e in config["epsilons"]]
+    reports: list[TrainingAuditReport] = []
+    liras: dict[str, LiRAAuditResult] = {}
+    start = time.perf_counter()
+    for name, epsilon in runs:
+        train_fn = make_digits_train_fn(
+            epsilon,
+            delta=config["delta"],
+            epochs=config["epochs"],
+            batch_size=config["batch_size"],
+            lr=config["lr"],
+            max_grad_norm=config["max_grad_norm"],
+            seed=config["seed"],
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PrivacyViolationWarning)  # reported in the table and the verdict below
+            _, report = audit_training_run(
+                train_fn,
+                train_set,
+                canaries,
+                delta=config["delta"],
+                test_set=test_set,
+                num_positive_guesses=config["guesses"],
+                num_negative_guesses=config["guesses"],
+                significance=config["significance"],
+                name=name,
+            )
+        reports.append(report)
+        if config["lira_models"]:
+            liras[name] = run_lira(
+                train_fn, train_set, num_models=config["lira_models"], delta=config["delta"], seed=config["seed"],
+                significance=config["significance"],
+            )
+    suspicious = any(r.suspicious for r in reports) or any(l.suspicious for l in liras.values())
+    if args.json:
+        payload = {
+            "config": config,
+            "runs": [r.to_dict(args.curves) for r in reports],
+            "lira": {name: l.to_dict(args.curves) for name, l in liras.items()},
+            "suspicious": suspicious,
+            "seconds": time.perf_counter() - start,
+        }
+        print(json.dumps(payload), file=out)
+    else:
+        print(
+            f"dptrain audit: digits MLP, {len(train_set)} training examples + {canaries.num_canaries} mislabelled "
+            f"canaries (each included with prob. 1/2), {len(test_set)} held out; delta {config['delta']:g}, "
+            f"{config['epochs']} epochs, confidence {1 - config['significance']:.0%}",
+            file=out,
+        )
+        print(format_table([_report_row(r) for r in reports], HEADER), file=out)
+        if liras:
+            rows = [row for name, l in liras.items() for row in _lira_rows(name, l)]
+            print("\nLiRA (" + str(config["lira_models"]) + " models per run, each the target in turn):", file=out)
+            print(format_table(rows, LIRA_HEADER), file=out)
+        for r in reports:
+            if r.suspicious:
+                print("\n" + r.message(), file=out)
+        print(
+            "\nMIA: loss-threshold attack, training set vs held-out set; canary: the same attack on the canaries; "
+            "eps LB: lower confidence bounds on epsilon (a correct run stays <= its claimed eps); "
+            f"{'SUSPICIOUS runs leak more than they claim: probable implementation bug' if suspicious else 'no run exceeds its claimed epsilon'}. "
+            f"({time.perf_counter() - start:.0f} s)",
+            file=out,
+        )
+    return EXIT_SUSPICIOUS if suspicious else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_audit_arguments(argparse.ArgumentParser(prog="dptrain audit", description=__doc__.split("\n\n")[0]))
+    return run_audit_command(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -27,13 +27,15 @@ from dptrain.accounting import Accountant, calibrate_noise, check_accountant, ch
 from dptrain.grad import make_grad_sampler
 from dptrain.optim import DPOptimizer
 from dptrain.randomness import RandomSource
-from dptrain.sampling import ChunkSignal, DPDataLoader, PoissonBatchSampler
+from dptrain.sampling import ChunkSignal, DPDataLoader, PoissonBatchSampler, UserPoissonBatchSampler
 from dptrain.validators import ModuleValidator
 
 if TYPE_CHECKING:
     from dptrain.budget import BudgetLedger
 
 LOSS_REDUCTIONS = ("mean", "sum")
+PRIVACY_UNITS = ("example", "user")
+USER_REDUCTIONS = ("sum", "mean")
 
 # Modules that already carry dptrain hooks (weak: the engine must not keep a user's model alive).
 _PRIVATE_MODULES: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
@@ -65,6 +67,31 @@ def _warn_weak_delta(delta: float, dataset_size: int | None) -> None:
             "satisfies this delta, so the guarantee is weak; choose delta well below 1/N (e.g. 1/N^1.1)",
             stacklevel=3,
         )
+
+
+def _check_privacy_unit(
+    privacy_unit: str, user_ids: Any, user_reduction: str, poisson_sampling: bool, data_loader: DataLoader
+) -> torch.Tensor | None:
+    """The user of each example as a tensor under user-level privacy (None at example level), after checks."""
+    if privacy_unit not in PRIVACY_UNITS:
+        raise ValueError(f"privacy_unit must be one of {PRIVACY_UNITS}, got {privacy_unit!r}")
+    if privacy_unit == "example":
+        if user_ids is not None:
+            raise ValueError('user_ids is only used with privacy_unit="user"')
+        return None
+    if user_reduction not in USER_REDUCTIONS:
+        raise ValueError(f"user_reduction must be one of {USER_REDUCTIONS}, got {user_reduction!r}")
+    if not poisson_sampling:
+        raise ValueError('privacy_unit="user" samples users by Poisson sampling; poisson_sampling=False is not supported')
+    if user_ids is None:
+        raise ValueError('privacy_unit="user" needs user_ids: the user of each example of the dataset')
+    users = torch.as_tensor(user_ids)
+    if users.dim() != 1 or users.dtype.is_floating_point or users.dtype == torch.bool:
+        raise ValueError(f"user_ids must be a 1-D sequence of integer ids, got shape {tuple(users.shape)}, {users.dtype}")
+    size = _dataset_size(data_loader)
+    if len(users) != size:
+        raise ValueError(f"user_ids has {len(users)} entries but the dataset has {size} examples; give one per example")
+    return users.long()
 
 
 def _refuse_invalid_model(module: nn.Module) -> None:
@@ -120,6 +147,7 @@ class PrivacyEngine:
         self.on_budget_exhausted = on_budget_exhausted
         self._reservations: list[_Reservation] = []
         self.accountant = Accountant(accountant)
+        self.privacy_unit: str | None = None  # set by make_private: "example" or "user"
         self.secure_mode = secure_mode
         self.dataset_size: int | None = None
         self.optimizers: list[DPOptimizer] = []
@@ -139,6 +167,9 @@ class PrivacyEngine:
         batch_first: bool = True,
         grad_sample_mode: str = "auto",
         noise_generator: torch.Generator | None = None,
+        privacy_unit: str = "example",
+        user_ids: Any = None,
+        user_reduction: str = "sum",
     ) -> tuple[nn.Module, DPOptimizer, DataLoader]:
         """Attach per-example gradient hooks to ``module`` and return it with a DP optimizer and data loader.
 
@@ -146,6 +177,11 @@ class PrivacyEngine:
         ``max_grad_norm``, adds N(0, (noise_multiplier * max_grad_norm)^2) noise, divides by the expected batch
         size and calls the wrapped optimizer's step; the engine records the step for ``get_epsilon``. With a
         ledger, as many steps as the budget has left are reserved.
+
+        ``privacy_unit="user"`` with ``user_ids`` (the user of each dataset example) protects users instead of
+        examples: users are Poisson-sampled with all their examples, each user's summed (``user_reduction="sum"``)
+        or averaged (``"mean"``) gradient is clipped as one unit, the sum is divided by the expected number of
+        users, and epsilon is per user.
         """
         return self._make_private(
             module=module,
@@ -159,6 +195,9 @@ class PrivacyEngine:
             batch_first=batch_first,
             grad_sample_mode=grad_sample_mode,
             noise_generator=noise_generator,
+            privacy_unit=privacy_unit,
+            user_ids=user_ids,
+            user_reduction=user_reduction,
             planned_steps=None,
         )
 
@@ -176,9 +215,22 @@ class PrivacyEngine:
         batch_first: bool,
         grad_sample_mode: str,
         noise_generator: torch.Generator | None,
+        privacy_unit: str,
+        user_ids: Any,
+        user_reduction: str,
         planned_steps: int | None,
     ) -> tuple[nn.Module, DPOptimizer, DataLoader]:
         check_noise_multiplier(noise_multiplier)
+        users = _check_privacy_unit(privacy_unit, user_ids, user_reduction, poisson_sampling, data_loader)
+        if self.privacy_unit is not None and privacy_unit != self.privacy_unit:
+            raise ValueError(
+                f"this engine accounts per {self.privacy_unit}; use another PrivacyEngine for a per-{privacy_unit} run"
+            )
+        if self.ledger is not None and self.ledger.budget(self.budget).privacy_unit != privacy_unit:
+            raise ValueError(
+                f"budget {self.budget!r} protects each {self.ledger.budget(self.budget).privacy_unit}, but this run's "
+                f"privacy unit is {privacy_unit!r}; charge it to a budget created with privacy_unit={privacy_unit!r}"
+            )
         _check_positive(max_grad_norm, "max_grad_norm")
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
@@ -195,7 +247,14 @@ class PrivacyEngine:
 
         random = RandomSource(secure=self.secure_mode, generator=noise_generator)
         signal = ChunkSignal()
-        if poisson_sampling:
+        if users is not None:
+            # Every user is sampled at rate q = 1/len(data_loader), with all of its examples.
+            sample_rate = 1.0 / steps_per_epoch
+            sampling = _sampling_source(self.secure_mode, noise_generator, rank, world_size)
+            batch_sampler = UserPoissonBatchSampler(users, sample_rate, steps_per_epoch, sampling, rank, world_size)
+            expected_batch_size = sample_rate * batch_sampler.num_users
+            self.dataset_size = batch_sampler.num_users  # the privacy units, for the weak-delta check
+        elif poisson_sampling:
             # The whole dataset is sampled at rate q = 1/len(data_loader): one epoch sees N examples in expectation.
             sample_rate = 1.0 / steps_per_epoch
             expected_batch_size = sample_rate * dataset_size
@@ -215,7 +274,7 @@ class PrivacyEngine:
             sample_rate = data_loader.batch_size * world_size / dataset_size
             expected_batch_size = float(data_loader.batch_size * world_size)
             batch_sampler = data_loader.batch_sampler
-        private_loader = DPDataLoader(data_loader, batch_sampler, signal, max_physical_batch_size)
+        private_loader = DPDataLoader(data_loader, batch_sampler, signal, max_physical_batch_size, users)
         reserved = self._reserve(sample_rate, noise_multiplier, planned_steps, rank, world_size)
 
         grad_sampler = make_grad_sampler(grad_sample_mode, hooked, batch_first, loss_reduction)
@@ -237,8 +296,10 @@ class PrivacyEngine:
             signal=signal,
             on_step=record_step,
             distributed=distributed,
+            user_reduction=user_reduction if users is not None else None,
         )
         dp_optimizer.sample_rate = sample_rate
+        self.privacy_unit = privacy_unit
         if self._pending_optimizer_states:
             self._restore_optimizer(dp_optimizer, self._pending_optimizer_states.pop(0))
         if reserved is not None:
@@ -285,6 +346,9 @@ class PrivacyEngine:
             "batch_first": True,
             "grad_sample_mode": "auto",
             "noise_generator": None,
+            "privacy_unit": "example",
+            "user_ids": None,
+            "user_reduction": "sum",
         }
         unknown = set(kwargs) - set(options)
         if unknown:
@@ -361,7 +425,7 @@ class PrivacyEngine:
         return params
 
     def get_epsilon(self, delta: float) -> float:
-        """Epsilon spent so far at ``delta``, composing every recorded step."""
+        """Epsilon spent so far at ``delta`` per privacy unit (example, or user), composing every recorded step."""
         check_delta(delta)
         _warn_weak_delta(delta, self.dataset_size)
         return self.accountant.get_epsilon(delta)
@@ -370,6 +434,7 @@ class PrivacyEngine:
         """The accountant's history and the dataset size: enough to resume with the same epsilon."""
         return {
             "accountant": self.accountant.state_dict(),
+            "privacy_unit": self.privacy_unit,
             "dataset_size": self.dataset_size,
             "optimizers": [
                 {"steps_taken": o.steps_taken, "random": o.random.state_dict()} for o in self.optimizers
@@ -380,6 +445,7 @@ class PrivacyEngine:
         """Restore the accountant; optimizer state (step count, noise generator) applies to the optimizers made
         private so far, in order, and to those made private later for the rest."""
         self.accountant.load_state_dict(state["accountant"])
+        self.privacy_unit = state.get("privacy_unit", self.privacy_unit)
         self.dataset_size = state.get("dataset_size")
         optimizer_states = list(state.get("optimizers", []))
         for opt in self.optimizers:

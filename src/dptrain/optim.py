@@ -63,9 +63,12 @@ class DPOptimizer(Optimizer):
         signal: ChunkSignal | None = None,
         on_step: Callable[["DPOptimizer"], None] | None = None,
         distributed: bool = False,
+        user_reduction: str | None = None,
     ) -> None:
         """With ``distributed``, each rank clips its own examples, the clipped sums are summed across ranks and
-        rank 0 alone adds the noise, so each logical step carries the noise once."""
+        rank 0 alone adds the noise, so each logical step carries the noise once. With ``user_reduction`` ("sum" or
+        "mean") the privacy unit is the user: the data loader reports each row's user (``signal.units``), each
+        user's examples' gradients are summed (or averaged) over the whole logical batch and clipped as one."""
         # Deliberately no super().__init__: parameter groups and state live in the wrapped optimizer.
         self.original_optimizer = optimizer
         self.params = params
@@ -77,6 +80,10 @@ class DPOptimizer(Optimizer):
         self.signal = signal or ChunkSignal()
         self.on_step = on_step
         self.distributed = distributed
+        self.user_reduction = user_reduction
+        self._unit_rows: dict[int, int] = {}
+        self._unit_sums: dict[nn.Parameter, torch.Tensor] = {}
+        self._unit_examples = torch.zeros(0)  # examples of each user in the logical batch so far
         self.steps_taken = 0
         #: Steps the privacy budget allows this optimizer (None: no budget); set by the engine.
         self.step_allowance: int | None = None
@@ -129,19 +136,60 @@ class DPOptimizer(Optimizer):
                 "optimizer.step() found no per-example gradients: call loss.backward() on the output of the "
                 "private model before optimizer.step()"
             )
+        if self.user_reduction is not None:
+            self._accumulate_users(grads.materialize(), grads.batch_size)
+            return
         norms = grads.squared_norms().sqrt()
+        self._check_finite(norms, "example")
+        self._add_to_clipped_sum(grads.weighted_sum(clip_factors(norms, self.max_grad_norm)))
+
+    def _check_finite(self, norms: torch.Tensor, unit: str) -> None:
         if not torch.isfinite(norms).all():
             bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
             raise NonFiniteGradientError(
-                f"non-finite per-example gradient at step {self.steps_taken + 1} for example(s) {bad[:10]} of the "
+                f"non-finite per-{unit} gradient at step {self.steps_taken + 1} for {unit}(s) {bad[:10]} of the "
                 "batch; clipping would hide it in the noise. Check the inputs and the loss (log of 0, overflow)"
             )
-        summed = grads.weighted_sum(clip_factors(norms, self.max_grad_norm))
+
+    def _add_to_clipped_sum(self, summed: dict[nn.Parameter, torch.Tensor]) -> None:
         if self._clipped_sum is None:
             self._clipped_sum = summed
         else:
             for p, g in summed.items():
                 self._clipped_sum[p] = self._clipped_sum[p] + g if p in self._clipped_sum else g
+
+    def _accumulate_users(self, per_example: dict[nn.Parameter, torch.Tensor], batch_size: int) -> None:
+        """Add each example's gradient to its user's running sum over the logical batch."""
+        units = self.signal.units
+        if units is None or len(units) != batch_size:
+            raise RuntimeError(
+                "user-level privacy needs the private data loader's batches: the optimizer did not receive the users "
+                "of this batch (use the data loader returned by make_private, unchanged)"
+            )
+        rows = torch.tensor([self._unit_rows.setdefault(int(u), len(self._unit_rows)) for u in units.tolist()])
+        count = len(self._unit_rows)
+        for p, g in per_example.items():
+            total = self._unit_sums.get(p)
+            if total is None:
+                total = g.new_zeros((count, *p.shape))
+            elif total.shape[0] < count:
+                total = torch.cat([total, total.new_zeros((count - total.shape[0], *p.shape))])
+            self._unit_sums[p] = total.index_add_(0, rows.to(g.device), g)
+        self._unit_examples = torch.cat([self._unit_examples, torch.zeros(count - len(self._unit_examples))])
+        self._unit_examples.index_add_(0, rows, torch.ones(len(rows)))
+
+    def _clip_users(self) -> None:
+        """Clip each user's summed (or averaged) gradient as one unit and add it to the clipped sum."""
+        if not self._unit_sums:
+            return
+        sums = self._unit_sums
+        if self.user_reduction == "mean":
+            sums = {p: t / self._unit_examples.to(t).view(-1, *([1] * (t.dim() - 1))) for p, t in sums.items()}
+        norms = sum(t.flatten(1).pow(2).sum(1) for t in sums.values()).sqrt()
+        self._check_finite(norms, "user")
+        factors = clip_factors(norms, self.max_grad_norm)
+        self._add_to_clipped_sum({p: torch.einsum("u,u...->...", factors.to(t), t) for p, t in sums.items()})
+        self._unit_rows, self._unit_sums, self._unit_examples = {}, {}, torch.zeros(0)
 
     def _noisy_average(self) -> None:
         std = self.noise_multiplier * self.max_grad_norm
@@ -177,6 +225,8 @@ class DPOptimizer(Optimizer):
         self._accumulate_chunk()
         if not self.signal.is_last_chunk:
             return None
+        if self.user_reduction is not None:
+            self._clip_users()
         self._noisy_average()
         self.original_optimizer.step()
         self.steps_taken += 1

@@ -7,6 +7,7 @@ empty batch still yields a (zero-length) batch so that the step happens and its 
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -58,6 +59,63 @@ class PoissonBatchSampler(Sampler[list[int]]):
             yield self.shard[included].tolist()
 
 
+class UserPoissonBatchSampler(Sampler[list[int]]):
+    """User-level Poisson sampling: each user is included with probability ``sample_rate``, with all its examples.
+
+    ``user_ids[i]`` is the user of example i. Under ``torch.distributed`` each rank samples its shard of the users
+    (every ``world_size``-th user in sorted order), so a user's examples always stay on one rank.
+    """
+
+    def __init__(
+        self,
+        user_ids: torch.Tensor,
+        sample_rate: float,
+        steps: int,
+        random: RandomSource | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if not 0 < sample_rate <= 1:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        if steps <= 0:
+            raise ValueError(f"steps must be > 0, got {steps}")
+        users, example_user = torch.unique(user_ids, return_inverse=True)
+        self.num_users = len(users)
+        self.sample_rate = sample_rate
+        self.steps = steps
+        self.random = random or RandomSource()
+        order = torch.argsort(example_user, stable=True)
+        counts = torch.bincount(example_user, minlength=self.num_users)
+        self._examples_of = list(torch.split(order, counts.tolist()))  # example indices of each user
+        self.shard = torch.arange(rank, self.num_users, world_size)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps):
+            included = self.shard[self.random.uniform(len(self.shard)) < self.sample_rate]
+            yield torch.cat([self._examples_of[u] for u in included.tolist()] or [torch.zeros(0, dtype=torch.long)]).tolist()
+
+
+class _RecordingBatchSampler(Sampler[list[int]]):
+    """Passes batches through and remembers their indices, in order, for the loader to match with its batches."""
+
+    def __init__(self, batch_sampler: Sampler[Sequence[int]]) -> None:
+        self.batch_sampler = batch_sampler
+        self.indices: deque[list[int]] = deque()
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        self.indices.clear()
+        for batch in self.batch_sampler:
+            batch = list(batch)
+            self.indices.append(batch)
+            yield batch
+
+
 class ChunkSignal:
     """Tells the DP optimizer whether the batch the user is processing ends a logical batch.
 
@@ -68,10 +126,12 @@ class ChunkSignal:
     def __init__(self) -> None:
         self.chunk_size: int | None = None
         self.is_last_chunk = True
+        self.units: torch.Tensor | None = None  # under user-level privacy: the user of each row of the chunk
 
-    def begin_chunk(self, size: int, is_last: bool) -> None:
+    def begin_chunk(self, size: int, is_last: bool, units: torch.Tensor | None = None) -> None:
         self.chunk_size = size
         self.is_last_chunk = is_last
+        self.units = units
 
 
 def batch_length(batch: Any) -> int:
@@ -118,12 +178,17 @@ class DPDataLoader(DataLoader):
         batch_sampler: Sampler[Sequence[int]],
         signal: ChunkSignal,
         max_physical_batch_size: int | None = None,
+        user_ids: torch.Tensor | None = None,
     ) -> None:
+        """``user_ids`` (one per dataset example) makes the loader report each chunk's users to the optimizer."""
         if max_physical_batch_size is not None and (
             isinstance(max_physical_batch_size, bool) or not isinstance(max_physical_batch_size, int) or max_physical_batch_size <= 0
         ):
             raise ValueError(f"max_physical_batch_size must be a positive integer or None, got {max_physical_batch_size!r}")
         collate_fn = data_loader.collate_fn or default_collate
+        self.user_ids = user_ids
+        if user_ids is not None:
+            batch_sampler = _RecordingBatchSampler(batch_sampler)
         super().__init__(
             data_loader.dataset,
             batch_sampler=batch_sampler,
@@ -142,10 +207,17 @@ class DPDataLoader(DataLoader):
 
     def __iter__(self) -> Iterator[Any]:
         for batch in super().__iter__():
+            units = None
+            if self.user_ids is not None:
+                units = self.user_ids[torch.as_tensor(self.batch_sampler.indices.popleft(), dtype=torch.long)]
             if self.max_physical_batch_size is None:
                 chunks = [batch]
             else:
                 chunks = split_batch(batch, self.max_physical_batch_size)
+            start = 0
             for k, chunk in enumerate(chunks):
-                self.signal.begin_chunk(batch_length(chunk), is_last=k == len(chunks) - 1)
+                size = batch_length(chunk)
+                chunk_units = units[start : start + size] if units is not None else None
+                start += size
+                self.signal.begin_chunk(size, is_last=k == len(chunks) - 1, units=chunk_units)
                 yield chunk

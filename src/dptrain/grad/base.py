@@ -27,6 +27,10 @@ class PerExampleGradients(ABC):
     def weighted_sum(self, weights: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
         """sum_i weights[i] * g_i for each tracked parameter."""
 
+    @abstractmethod
+    def materialize(self) -> dict[nn.Parameter, torch.Tensor]:
+        """Every example's gradient, (batch_size, *param.shape) per parameter (for clipping by user)."""
+
 
 class MaterializedGradients(PerExampleGradients):
     """Per-example gradients held as one tensor of shape (batch, *param.shape) per parameter."""
@@ -46,6 +50,9 @@ class MaterializedGradients(PerExampleGradients):
 
     def weighted_sum(self, weights: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
         return {p: torch.einsum("b,b...->...", weights.to(g.dtype), g) for p, g in self.per_param.items()}
+
+    def materialize(self) -> dict[nn.Parameter, torch.Tensor]:
+        return self.per_param
 
     def __add__(self, other: "MaterializedGradients") -> "MaterializedGradients":
         """Sum of two records over the same examples (two backward passes before one step)."""

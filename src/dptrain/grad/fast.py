@@ -112,6 +112,18 @@ class _FastGradients(PerExampleGradients):
             out.update(self.fallback.weighted_sum(weights))
         return out
 
+    def materialize(self) -> dict[nn.Parameter, torch.Tensor]:
+        out: dict[nn.Parameter, torch.Tensor] = dict(self.shared)
+        for rule, call in self.calls:
+            owned = self._owned(call)
+            for name, g in rule.per_example(call).items():
+                p = owned.get(name)
+                if p is not None and p not in self.shared:
+                    out[p] = g
+        if self.fallback is not None:
+            out.update(self.fallback.per_param)
+        return out
+
 
 class FastGradSampler(GradSampler):
     """Book-keeping per-example clipping with per-layer rules and a per-layer torch.func fallback."""

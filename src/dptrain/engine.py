@@ -277,7 +277,7 @@ class PrivacyEngine:
         private_loader = DPDataLoader(data_loader, batch_sampler, signal, max_physical_batch_size, users)
         reserved = self._reserve(sample_rate, noise_multiplier, planned_steps, rank, world_size)
 
-        grad_sampler = make_grad_sampler(grad_sample_mode, hooked, batch_first, loss_reduction)
+        grad_sampler = make_grad_sampler(grad_sample_mode, hooked, batch_first, loss_reduction, distributed)
         _PRIVATE_MODULES.add(hooked)
 
         def record_step(opt: DPOptimizer) -> None:

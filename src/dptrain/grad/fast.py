@@ -30,28 +30,21 @@ def _batch_first_of(module: nn.Module, default: bool) -> bool:
     return bool(getattr(module, "batch_first", default)) if isinstance(module, (nn.RNNBase, nn.MultiheadAttention)) else default
 
 
-def _is_shared_input(module: nn.Module, activation: torch.Tensor, batch_size: int) -> bool:
-    """Whether a layer's input is one tensor shared by all examples rather than a batch.
+def _has_broadcast_batch(activation: torch.Tensor, batch_size: int) -> bool:
+    """A leading dimension of 1 in a batch of several: one input broadcast over the batch (GPT-2's position ids)."""
+    return batch_size > 1 and activation.dim() > 0 and activation.shape[0] == 1
 
-    Shared: a leading dimension of 1 in a batch of several, no batch-sized leading dimension at all, or an
-    Embedding looking up ``arange(n)`` (position ids), even when n happens to equal the batch size.
-    """
+
+def _lacks_batch_dimension(activation: torch.Tensor, batch_size: int) -> bool:
+    """No leading batch-sized dimension (and not a (T, B, ...) layout): an input shared by all examples."""
     if activation.dim() == 0:
         return True
-    if batch_size > 1 and activation.shape[0] == 1:
-        return True
-    if isinstance(module, nn.Embedding) and activation.dim() == 1:
-        positions = torch.arange(activation.shape[0], device=activation.device, dtype=activation.dtype)
-        if torch.equal(activation, positions):
-            return True
     return activation.shape[0] != batch_size and not (activation.dim() >= 2 and activation.shape[1] == batch_size)
 
 
-def _expand_shared(tensor: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """A (batch_size, ...) view of a shared tensor: its leading 1 expanded, or a new leading dimension."""
-    if tensor.dim() > 0 and tensor.shape[0] == 1:
-        return tensor.expand(batch_size, *tensor.shape[1:])
-    return tensor.unsqueeze(0).expand(batch_size, *tensor.shape)
+def _needs_fallback(module: nn.Module) -> bool:
+    """Rule layers in a configuration their rule does not cover: an Embedding scaling by in-batch frequency."""
+    return isinstance(module, nn.Embedding) and (module.scale_grad_by_freq or module.sparse)
 
 
 class _FastGradients(PerExampleGradients):
@@ -69,6 +62,8 @@ class _FastGradients(PerExampleGradients):
         self.params = params
         self.batch_size = batch_size
         uses = Counter(p for _, call in calls for p in self._owned(call).values())
+        if fallback is not None:
+            uses.update(list(fallback.per_param))
         self.shared: dict[nn.Parameter, torch.Tensor] = {}
         for rule, call in calls:
             owned = self._owned(call)
@@ -77,13 +72,23 @@ class _FastGradients(PerExampleGradients):
                     p = owned.get(name)
                     if p is not None and uses[p] > 1:
                         self.shared[p] = self.shared[p] + g if p in self.shared else g
+        if fallback is not None:
+            # A parameter used both by a rule layer and a fallback layer: sum its per-example gradients (exact).
+            for p, g in fallback.per_param.items():
+                if uses[p] > 1:
+                    self.shared[p] = self.shared[p] + g
+            rest = {p: g for p, g in fallback.per_param.items() if uses[p] == 1}
+            self.fallback = MaterializedGradients(rest, fallback.batch_size) if rest else None
 
     def _owned(self, call: LayerCall) -> dict[str, nn.Parameter]:
         return {name: p for name, p in call.module.named_parameters(recurse=False) if p in self.params}
 
     def squared_norms(self) -> torch.Tensor:
-        device = self.calls[0][1].output_grad.device if self.calls else None
-        total = torch.zeros(self.batch_size, device=device)
+        tensors = [call.output_grad for _, call in self.calls] + list(self.shared.values())
+        if self.fallback is not None:
+            tensors += list(self.fallback.per_param.values())
+        dtype = torch.promote_types(torch.float32, tensors[0].dtype) if tensors else torch.float32
+        total = torch.zeros(self.batch_size, device=tensors[0].device if tensors else None, dtype=dtype)
         for rule, call in self.calls:
             owned = self._owned(call)
             for name, sq in rule.squared_norms(call).items():
@@ -126,9 +131,19 @@ class _FastGradients(PerExampleGradients):
 
 
 class FastGradSampler(GradSampler):
-    """Book-keeping per-example clipping with per-layer rules and a per-layer torch.func fallback."""
+    """Book-keeping per-example clipping with per-layer rules and a per-layer torch.func fallback.
 
-    def __init__(self, module: nn.Module, batch_first: bool = True, loss_reduction: str = "mean") -> None:
+    Two cases need more than a layer's own hooks. A layer applied to an input with a leading dimension of 1
+    (position ids broadcast over the batch) gets a per-example view of its output. A layer applied to an input with
+    no batch dimension at all has its parameters' per-example gradients computed by a torch.func replay of the
+    whole model, which is exact whatever the code does with the layer's output.
+    """
+
+    def __init__(
+        self, module: nn.Module, batch_first: bool = True, loss_reduction: str = "mean", check_attribution: bool = True
+    ) -> None:
+        """``check_attribution``: compare the first step's per-example gradients with autograd's batch gradient
+        (off under DistributedDataParallel, whose gradients are averaged across ranks)."""
         self.module = module
         self.batch_dim = 0 if batch_first else 1
         self.scale_by_batch = loss_reduction == "mean"
@@ -138,12 +153,18 @@ class FastGradSampler(GradSampler):
         self.fallbacks: list[tuple[VmapGradSampler, list[nn.Parameter]]] = []
         self.fast_layers: list[str] = []
         self._batch_size: int | None = None
+        self._checked_attribution = not check_attribution
+        # Layers seen applied to inputs without a batch dimension, handled by a replay of the whole model.
+        self._unbatched_layers: set[nn.Module] = set()
+        self._root_replay = VmapGradSampler(
+            module, batch_first=batch_first, loss_reduction=loss_reduction, guard=self.guard, enabled=False
+        )
         self._handles.append(module.register_forward_pre_hook(self._on_root_forward, with_kwargs=True))
         self._plan(module, "", batch_first)
 
     def _plan(self, module: nn.Module, path: str, batch_first: bool) -> None:
         rule = rule_for(module)
-        if rule is not None:
+        if rule is not None and not _needs_fallback(module):
             if any(p.requires_grad for p in module.parameters(recurse=False)):
                 self._handles.append(module.register_forward_hook(self._fast_hook(rule, path)))
                 self.fast_layers.append(path)
@@ -160,13 +181,19 @@ class FastGradSampler(GradSampler):
             self._plan(child, f"{path}.{name}" if path else name, batch_first)
 
     def _add_fallback(self, module: nn.Module, params: list[nn.Parameter], batch_first: bool) -> None:
-        kwarg_dims = {"key_padding_mask": 0} if isinstance(module, nn.MultiheadAttention) else None
+        kwarg_dims, arg_dims = None, None
+        if isinstance(module, nn.MultiheadAttention):
+            # key_padding_mask is (B, S) whatever the layout; attn_mask is shared (L, S) or (B*heads, L, S).
+            kwarg_dims = {"key_padding_mask": 0, "attn_mask": None}
+        elif isinstance(module, nn.RNNBase):
+            arg_dims = {1: 1}  # the initial state hx is (layers, B, H) whatever the layout
         sampler = VmapGradSampler(
             module,
             batch_first=_batch_first_of(module, batch_first),
             loss_reduction="mean" if self.scale_by_batch else "sum",
             guard=self.guard,
             kwarg_batch_dims=kwarg_dims,
+            arg_batch_dims=arg_dims,
         )
         self.fallbacks.append((sampler, params))
 
@@ -188,25 +215,20 @@ class FastGradSampler(GradSampler):
             if self.batch_dim != 0:
                 activation = activation.movedim(self.batch_dim, 0)
             batch_size = self._batch_size
+            if batch_size is None or module in self._unbatched_layers:
+                return None
             replaced = None
-            if batch_size is not None and _is_shared_input(module, activation, batch_size):
-                if self.batch_dim != 0:
-                    raise RuntimeError(
-                        f"layer {path or '<root>'} ({type(module).__name__}) is applied to an input shared by all "
-                        "examples; with batch_first=False use grad_sample_mode='vmap'"
-                    )
-                # A layer applied to one input shared by every example (position ids, a learned query): give each
-                # example its own copy of the output, so the backward pass yields per-example output gradients.
-                # Downstream broadcasting sees the same values and shapes.
-                activation, replaced = _expand_shared(activation, batch_size), _expand_shared(output, batch_size)
-                output = replaced
-            elif batch_size is not None and (activation.dim() == 0 or activation.shape[0] != batch_size):
-                raise RuntimeError(
-                    f"layer {path or '<root>'} ({type(module).__name__}) got an input whose batch dimension "
-                    f"{self.batch_dim} has size {activation.shape[0]}, but the model's batch has {batch_size} "
-                    "examples; every layer must see batch-first tensors (or pass batch_first=False if all see "
-                    "(T, B, ...)). grad_sample_mode='vmap' handles any layout"
-                )
+            if _has_broadcast_batch(activation, batch_size) or _lacks_batch_dimension(activation, batch_size):
+                if self.batch_dim != 0 or _lacks_batch_dimension(activation, batch_size):
+                    # The output's gradient is summed over examples by whatever code broadcasts it: only a replay
+                    # of the whole model can attribute it.
+                    self._unbatched_layers.add(module)
+                    self._root_replay.enabled = True
+                    return None
+                # A leading 1 broadcast over the batch: give each example its own view of the output, so the
+                # backward pass yields per-example output gradients; broadcasting sees the same values.
+                activation = activation.expand(batch_size, *activation.shape[1:])
+                replaced = output = output.expand(batch_size, *output.shape[1:])
 
             def on_output_grad(grad: torch.Tensor) -> None:
                 g = grad.detach()
@@ -223,9 +245,13 @@ class FastGradSampler(GradSampler):
 
     def collect(self, params: list[nn.Parameter]) -> PerExampleGradients | None:
         wanted = set(params)
-        calls, self._calls = self._calls, []
+        calls = [(rule, call) for rule, call in self._calls if call.module not in self._unbatched_layers]
+        self._calls = []
+        replayed = {p for m in self._unbatched_layers for p in m.parameters(recurse=False) if p in wanted}
         fallback: MaterializedGradients | None = None
-        for sampler, owned in self.fallbacks:
+        units = [(sampler, owned) for sampler, owned in self.fallbacks]
+        units.append((self._root_replay, list(replayed)))
+        for sampler, owned in units:
             mine = [p for p in owned if p in wanted]
             if not mine:
                 sampler.discard()
@@ -241,32 +267,48 @@ class FastGradSampler(GradSampler):
         batch_size = sizes.pop()
         if batch_size == 0:  # an empty Poisson batch: no example, nothing to clip
             return MaterializedGradients({p: p.new_zeros((0, *p.shape)) for p in params}, 0)
-        self._check_coverage(calls, fallback, wanted)
-        return _FastGradients(calls, fallback, wanted, batch_size)
+        grads = _FastGradients(calls, fallback, wanted, batch_size)
+        if not self._checked_attribution:
+            self._check_attribution(grads, wanted)
+            self._checked_attribution = True
+        return grads
 
-    def _check_coverage(
-        self, calls: list[tuple[LayerRule, LayerCall]], fallback: MaterializedGradients | None, wanted: set
-    ) -> None:
-        """Refuse a parameter that received a gradient outside any hooked layer call: it would go unclipped."""
-        covered = {p for _, call in calls for p in call.module.parameters(recurse=False)}
-        if fallback is not None:
-            covered |= set(fallback.per_param)
+    def _check_attribution(self, grads: _FastGradients, wanted: set[nn.Parameter]) -> None:
+        """On the first step, check that the per-example gradients add up to autograd's batch gradient.
+
+        A parameter also used outside its layer's forward call (``F.linear(h, self.embed.weight)`` in a parent)
+        would otherwise lose that part of its gradient silently, unclipped and unaccounted.
+        """
+        scale = 1.0 / grads.batch_size if self.scale_by_batch else 1.0
+        ones = torch.full((grads.batch_size,), scale)
+        totals = grads.weighted_sum(ones)
         names = {p: n for n, p in self.module.named_parameters()}
-        for p in wanted - covered:
-            if p.grad is not None and bool(p.grad.any()):
+        # Replayed parameters are exact by construction (and an example's own gradient may legitimately differ
+        # from its share of the batch gradient, e.g. Embedding(scale_grad_by_freq=True)).
+        replayed = set(grads.fallback.per_param) if grads.fallback is not None else set()
+        for p in wanted - replayed:
+            if p.grad is None:
+                continue
+            total = totals.get(p)
+            total = torch.zeros_like(p) if total is None else total.to(p.grad.dtype)
+            tolerance = 1e-3 * max(float(p.grad.abs().max()), 1e-12) + 1e-6
+            if not torch.allclose(total, p.grad, rtol=1e-3, atol=tolerance):
                 raise RuntimeError(
-                    f"parameter {names.get(p, '?')} received a gradient outside its layer's forward call, so the "
-                    "fast engine cannot attribute it to examples; use grad_sample_mode='vmap' for this model"
+                    f"parameter {names.get(p, '?')} receives gradient outside its layer's forward call (e.g. its "
+                    "weight is used directly in another module's forward), so the fast engine cannot attribute it "
+                    "to examples; use grad_sample_mode='vmap' for this model"
                 )
 
     def discard(self) -> None:
         self._calls = []
+        self._root_replay.discard()
         for sampler, _ in self.fallbacks:
             sampler.discard()
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
+        self._root_replay.detach()
         for sampler, _ in self.fallbacks:
             sampler.detach()
         self._calls = []

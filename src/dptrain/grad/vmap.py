@@ -39,15 +39,21 @@ class VmapGradSampler(GradSampler):
         batch_first: bool = True,
         loss_reduction: str = "mean",
         guard: ReplayGuard | None = None,
-        kwarg_batch_dims: dict[str, int] | None = None,
+        kwarg_batch_dims: dict[str, int | None] | None = None,
+        arg_batch_dims: dict[int, int | None] | None = None,
+        enabled: bool = True,
     ) -> None:
-        """``guard`` is shared with other hooks of the same engine; ``kwarg_batch_dims`` overrides the batch
-        dimension of named keyword arguments (nn.MultiheadAttention's key_padding_mask is batch-first always)."""
+        """``guard`` is shared with other hooks of the same engine; ``kwarg_batch_dims`` / ``arg_batch_dims``
+        override the batch dimension of keyword / positional arguments (None: shared by all examples), e.g.
+        nn.MultiheadAttention's key_padding_mask is batch-first and its attn_mask shared whatever the layout.
+        A sampler with ``enabled=False`` records nothing until enabled."""
         self.module = module
         self.batch_dim = 0 if batch_first else 1
         self.loss_reduction = loss_reduction
         self.guard = guard or ReplayGuard()
         self.kwarg_batch_dims = kwarg_batch_dims or {}
+        self.arg_batch_dims = arg_batch_dims or {}
+        self.enabled = enabled
         self._records: list[_BackwardRecord] = []
         self._handle = module.register_forward_hook(self._on_forward, with_kwargs=True)
 
@@ -61,7 +67,7 @@ class VmapGradSampler(GradSampler):
         )
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if self.guard.active or not torch.is_grad_enabled():
+        if not self.enabled or self.guard.active or not torch.is_grad_enabled():
             return
         leaves = tree_flatten(output)[0]
         tracked = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
@@ -111,34 +117,45 @@ class VmapGradSampler(GradSampler):
         def is_batched(leaf: Any) -> bool:
             return isinstance(leaf, torch.Tensor) and leaf.dim() > batch_dim and leaf.shape[batch_dim] == batch_size
 
+        def dims_of(value: Any, override: dict, key: Any) -> Any:
+            if key in override:
+                return tree_map(lambda t: override[key] if isinstance(t, torch.Tensor) else None, value)
+            return tree_map(lambda t: batch_dim if is_batched(t) else None, value)
+
         args, kwargs = record.inputs
         input_dims = (
-            tree_map(lambda t: batch_dim if is_batched(t) else None, args),
-            {
-                key: tree_map(lambda t: batch_dim if is_batched(t) else None, value)
-                if key not in self.kwarg_batch_dims
-                else (self.kwarg_batch_dims[key] if isinstance(value, torch.Tensor) else None)
-                for key, value in kwargs.items()
-            },
+            tuple(dims_of(a, self.arg_batch_dims, i) for i, a in enumerate(args)),
+            {key: dims_of(value, self.kwarg_batch_dims, key) for key, value in kwargs.items()},
         )
+
+        def outputs_of(w: dict, inputs: tuple[tuple, dict]) -> tuple:
+            """The module's outputs that received gradients, each still with a batch dimension of size 1."""
+            leaves = tree_flatten(functional_call(self.module, {**w, **constants}, *inputs))[0]
+            return tuple(leaves[i] for i in record.output_indices)
 
         def one_example(weights: dict, inputs: tuple[tuple, dict], output_grads: list[torch.Tensor]) -> dict:
             batched = tree_map(lambda t, d: t.unsqueeze(d) if d is not None else t, inputs, input_dims)
-
-            def outputs_of(w: dict) -> tuple:
-                args, kwargs = batched
-                leaves = tree_flatten(functional_call(self.module, {**w, **constants}, args, kwargs))[0]
-                return tuple(leaves[i].select(batch_dim, 0) for i in record.output_indices)
-
-            _, pullback = vjp(outputs_of, weights)
+            _, pullback = vjp(lambda w: tuple(o.select(batch_dim, 0) for o in outputs_of(w, batched)), weights)
             return pullback(tuple(output_grads))[0]
+
+        def example_by_example() -> dict:
+            """The same, one example at a time: for code vmap cannot batch (data-dependent control flow)."""
+            grads = []
+            for i in range(batch_size):
+                inputs = tree_map(lambda t, d: t.narrow(d, i, 1) if d is not None else t, record.inputs, input_dims)
+                _, pullback = vjp(lambda w: outputs_of(w, inputs), trainable)
+                grads.append(pullback(tuple(g.narrow(batch_dim, i, 1) for g in record.output_grads))[0])
+            return {name: torch.stack([g[name] for g in grads]) for name in trainable}
 
         with self.guard.replaying(), warnings.catch_warnings():
             # Layers without a batching rule (LSTM, CPU attention) run per example under vmap: expected here.
             warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
-            per_name = vmap(one_example, in_dims=(None, input_dims, batch_dim), randomness="different")(
-                trainable, record.inputs, record.output_grads
-            )
+            try:
+                per_name = vmap(one_example, in_dims=(None, input_dims, batch_dim), randomness="different")(
+                    trainable, record.inputs, record.output_grads
+                )
+            except RuntimeError:
+                per_name = example_by_example()
         scale = float(batch_size) if self.loss_reduction == "mean" else 1.0
         per_param = {p: per_name[names[p]] * scale for p in params}
         return MaterializedGradients(per_param, batch_size)

@@ -41,7 +41,7 @@ class LayerRule(ABC):
 
     def weighted_sum(self, call: LayerCall, weights: torch.Tensor) -> dict[str, torch.Tensor]:
         """sum_i weights[i] * g_i for each parameter, name -> param.shape. Override when cheaper."""
-        return {name: torch.einsum("b,b...->...", weights, g) for name, g in self.per_example(call).items()}
+        return {name: torch.einsum("b,b...->...", weights.to(g.dtype), g) for name, g in self.per_example(call).items()}
 
 
 RULES: dict[type[nn.Module], LayerRule] = {}

@@ -63,4 +63,4 @@ class GroupNormRule(_AffineNormRule):
         return F.group_norm(call.activation, m.num_groups, None, None, m.eps)
 
     def reduce_to_param(self, call: LayerCall, values: torch.Tensor) -> torch.Tensor:
-        return values.flatten(2).sum(2)
+        return values.flatten(2).sum(2) if values.dim() > 2 else values

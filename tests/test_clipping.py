@@ -121,3 +121,39 @@ def test_clipping_bounds_every_example_contribution(mode):
     private_step(model, inputs, labels, max_grad_norm=0.01, grad_sample_mode=mode)
     delta = torch.sqrt(sum((a - b).pow(2).sum() for a, b in zip(model.parameters(), before.parameters())))
     assert delta.item() == pytest.approx(LR * 0.01, rel=1e-5)
+
+
+def _three_noiseless_steps(model, inputs, labels, mode):
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    loader = DataLoader(TensorDataset(inputs, labels), batch_size=4)
+    with pytest.warns(UserWarning, match="poisson_sampling=False"):
+        model, optimizer, loader = PrivacyEngine().make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=0.0, max_grad_norm=0.05,
+            poisson_sampling=False, grad_sample_mode=mode,
+        )
+    for x, y in loader:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    assert optimizer.steps_taken == 3
+    return model
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_later_steps_match_the_reference_engine(architecture):
+    """From the second step on the fast engine also skips autograd's own weight gradients: still exact."""
+    model, inputs, labels = make_case(architecture, BATCH)
+    fast = _three_noiseless_steps(copy.deepcopy(model), inputs, labels, "auto")
+    reference = _three_noiseless_steps(copy.deepcopy(model), inputs, labels, "vmap")
+    for a, b in zip(fast.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert all(p.requires_grad for p in fast.parameters())
+
+
+def test_a_forward_that_raises_leaves_parameters_trainable():
+    model, inputs, labels = make_case("mlp", BATCH)
+    model = _three_noiseless_steps(model, inputs, labels, "auto")
+    head = model.net[2]  # its input carries gradient, so its weights are suspended during its forward
+    with pytest.raises(RuntimeError):
+        head(torch.randn(BATCH, 11, requires_grad=True))  # wrong feature size: the forward raises
+    assert all(p.requires_grad for p in model.parameters())

@@ -198,16 +198,19 @@ class DPOptimizer(Optimizer):
         for p in self.params:
             # A parameter no example's loss touched (an unused branch) has a zero clipped sum.
             clipped = self._clipped_sum.get(p) if self._clipped_sum is not None else None
-            total = clipped.to(p.dtype) if clipped is not None else torch.zeros_like(p)
-            if add_noise:
-                total = total + std * self.random.normal(p.shape, dtype=p.dtype, device=p.device)
+            if add_noise:  # noise * std + clipped, in place in the fresh noise tensor
+                total = self.random.normal(p.shape, dtype=p.dtype, device=p.device).mul_(std)
+                if clipped is not None:
+                    total.add_(clipped.to(p.dtype))
+            else:
+                total = clipped.to(p.dtype) if clipped is not None else torch.zeros_like(p)
             totals.append(total)
         if self.distributed:
             flat = torch.cat([t.flatten() for t in totals])
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
             totals = list(flat.split([t.numel() for t in totals]))
         for p, total in zip(self.params, totals):
-            p.grad = (total / self.expected_batch_size).view_as(p)
+            p.grad = total.div_(self.expected_batch_size).view_as(p)
         self._clipped_sum = None
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

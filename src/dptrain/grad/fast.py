@@ -56,7 +56,11 @@ class _FastGradients(PerExampleGradients):
         fallback: MaterializedGradients | None,
         params: set[nn.Parameter],
         batch_size: int,
+        scale: float = 1.0,
     ) -> None:
+        """``scale`` multiplies the rule layers' output gradients (the batch size under a mean loss), applied to
+        the results instead of the kept tensors."""
+        self.scale = scale
         self.calls = calls
         self.fallback = fallback
         self.params = params
@@ -71,6 +75,7 @@ class _FastGradients(PerExampleGradients):
                 for name, g in rule.per_example(call).items():
                     p = owned.get(name)
                     if p is not None and uses[p] > 1:
+                        g = g * scale
                         self.shared[p] = self.shared[p] + g if p in self.shared else g
         if fallback is not None:
             # A parameter used both by a rule layer and a fallback layer: sum its per-example gradients (exact).
@@ -94,7 +99,7 @@ class _FastGradients(PerExampleGradients):
             for name, sq in rule.squared_norms(call).items():
                 p = owned.get(name)
                 if p is not None and p not in self.shared:
-                    total = total + sq.to(total.device, total.dtype)
+                    total = total + sq.to(total.device, total.dtype) * self.scale**2
         for g in self.shared.values():
             total = total + g.flatten(1).pow(2).sum(1).to(total.device, total.dtype)
         if self.fallback is not None:
@@ -107,7 +112,7 @@ class _FastGradients(PerExampleGradients):
             owned = self._owned(call)
             if all(p in self.shared for p in owned.values()):
                 continue
-            for name, g in rule.weighted_sum(call, weights.to(call.output_grad.device)).items():
+            for name, g in rule.weighted_sum(call, weights.to(call.output_grad.device) * self.scale).items():
                 p = owned.get(name)
                 if p is not None and p not in self.shared:
                     out[p] = g
@@ -124,7 +129,7 @@ class _FastGradients(PerExampleGradients):
             for name, g in rule.per_example(call).items():
                 p = owned.get(name)
                 if p is not None and p not in self.shared:
-                    out[p] = g
+                    out[p] = g * self.scale
         if self.fallback is not None:
             out.update(self.fallback.per_param)
         return out
@@ -154,6 +159,11 @@ class FastGradSampler(GradSampler):
         self.fast_layers: list[str] = []
         self._batch_size: int | None = None
         self._checked_attribution = not check_attribution
+        # After the first step's attribution check (and never under DDP, which expects every .grad), autograd's own
+        # weight gradients of rule layers are not computed: the clipped sum replaces them. Saves a matmul per layer.
+        self._skip_autograd_weight_grads = False
+        self._may_skip_autograd_weight_grads = check_attribution
+        self._suspended: dict[nn.Module, list[nn.Parameter]] = {}
         # Layers seen applied to inputs without a batch dimension, handled by a replay of the whole model.
         self._unbatched_layers: set[nn.Module] = set()
         self._root_replay = VmapGradSampler(
@@ -166,7 +176,8 @@ class FastGradSampler(GradSampler):
         rule = rule_for(module)
         if rule is not None and not _needs_fallback(module):
             if any(p.requires_grad for p in module.parameters(recurse=False)):
-                self._handles.append(module.register_forward_hook(self._fast_hook(rule, path)))
+                self._handles.append(module.register_forward_pre_hook(self._suspend_weight_grads))
+                self._handles.append(module.register_forward_hook(self._fast_hook(rule, path), always_call=True))
                 self.fast_layers.append(path)
             return
         if isinstance(module, COMPOSITE_LAYERS):
@@ -205,8 +216,21 @@ class FastGradSampler(GradSampler):
                 self._batch_size = leaf.shape[self.batch_dim]
                 return
 
+    def _suspend_weight_grads(self, module: nn.Module, args: tuple) -> None:
+        """Before a rule layer's forward: if its input carries gradient, stop autograd from also building the
+        layer's weight gradient (the output still requires grad, so the output-gradient hook still fires)."""
+        if not self._skip_autograd_weight_grads or self.guard.active or not torch.is_grad_enabled():
+            return
+        if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
+            params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            for p in params:
+                p.requires_grad_(False)
+            self._suspended[module] = params
+
     def _fast_hook(self, rule: LayerRule, path: str):
         def on_forward(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            for p in self._suspended.pop(module, ()):  # runs even when forward raised (always_call)
+                p.requires_grad_(True)
             if self.guard.active or not torch.is_grad_enabled():
                 return None
             if not isinstance(output, torch.Tensor) or not output.requires_grad:
@@ -218,8 +242,9 @@ class FastGradSampler(GradSampler):
             if batch_size is None or module in self._unbatched_layers:
                 return None
             replaced = None
-            if _has_broadcast_batch(activation, batch_size) or _lacks_batch_dimension(activation, batch_size):
-                if self.batch_dim != 0 or _lacks_batch_dimension(activation, batch_size):
+            broadcast = _has_broadcast_batch(activation, batch_size)
+            if broadcast or _lacks_batch_dimension(activation, batch_size):
+                if self.batch_dim != 0 or not broadcast:
                     # The output's gradient is summed over examples by whatever code broadcasts it: only a replay
                     # of the whole model can attribute it.
                     self._unbatched_layers.add(module)
@@ -234,8 +259,6 @@ class FastGradSampler(GradSampler):
                 g = grad.detach()
                 if self.batch_dim != 0:
                     g = g.movedim(self.batch_dim, 0)
-                if self.scale_by_batch:
-                    g = g * g.shape[0]
                 self._calls.append((rule, LayerCall(module, activation, g)))
 
             output.register_hook(on_output_grad)
@@ -267,10 +290,11 @@ class FastGradSampler(GradSampler):
         batch_size = sizes.pop()
         if batch_size == 0:  # an empty Poisson batch: no example, nothing to clip
             return MaterializedGradients({p: p.new_zeros((0, *p.shape)) for p in params}, 0)
-        grads = _FastGradients(calls, fallback, wanted, batch_size)
+        grads = _FastGradients(calls, fallback, wanted, batch_size, float(batch_size) if self.scale_by_batch else 1.0)
         if not self._checked_attribution:
             self._check_attribution(grads, wanted)
             self._checked_attribution = True
+        self._skip_autograd_weight_grads = self._may_skip_autograd_weight_grads
         return grads
 
     def _check_attribution(self, grads: _FastGradients, wanted: set[nn.Parameter]) -> None:

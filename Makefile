@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m dptrain.demo
+	$(BIN)/dptrain demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

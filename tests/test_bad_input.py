@@ -232,14 +232,16 @@ def test_make_private_twice_on_same_module_refused() -> None:
     PrivacyEngine().make_private(
         module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0
     )
+    hooks = len(model._forward_hooks) + len(model._forward_pre_hooks)
+    assert hooks > 0
     opt2 = torch.optim.SGD(model.parameters(), lr=0.1)
     for engine in (PrivacyEngine(), PrivacyEngine(accountant="rdp")):
         with pytest.raises(ValueError, match="already private"):
             engine.make_private(
                 module=model, optimizer=opt2, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0
             )
-    # Exactly one forward hook: the refused calls attached nothing.
-    assert len(model._forward_hooks) == 1
+    # The refused calls attached nothing more.
+    assert len(model._forward_hooks) + len(model._forward_pre_hooks) == hooks
 
 
 def test_refused_make_private_leaves_module_usable() -> None:
@@ -258,11 +260,11 @@ def test_refused_make_private_leaves_module_usable() -> None:
             max_grad_norm=1.0,
             max_physical_batch_size=0,
         )
-    assert len(model._forward_hooks) == 0
+    assert len(model._forward_hooks) + len(model._forward_pre_hooks) == 0
     model, opt, loader = PrivacyEngine().make_private(
         module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0
     )
-    assert len(model._forward_hooks) == 1
+    assert len(model._forward_hooks) > 0
 
 
 def test_add_param_group_refused() -> None:

@@ -1,9 +1,11 @@
-"""The ``dptrain`` command line: privacy accounting and budget ledgers without writing Python.
+"""The ``dptrain`` command line: the demo, config-driven training, reports, accounting and budget ledgers.
 
 Each command is one ``_add_<command>`` function that registers its parser (with an example in its ``--help``) and
 a handler ``(args) -> exit code``; adding a command means adding such a function to ``_COMMANDS``. ``--json`` makes
 a command print exactly one JSON object on stdout. Exit codes: 0 success, 1 refused or failed (e.g. a budget
-would be exceeded; the reason goes to stderr), 2 invalid usage or parameters.
+would be exceeded; the reason goes to stderr), 2 invalid usage or parameters (e.g. an invalid config), 3 an audit
+found more leakage than the claimed epsilon allows, 130 interrupted by Ctrl-C (143 by SIGTERM) after a clean stop.
+Commands that train (demo, train, report) import torch only when they run.
 """
 
 from __future__ import annotations
@@ -20,6 +22,19 @@ from dptrain.accounting import ACCOUNTANTS, calibrate_noise, compute_epsilon
 from dptrain.budget import PRIVACY_UNITS, BudgetError, BudgetLedger, BudgetSummary
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130
+
+EXAMPLES = """examples:
+  dptrain demo                                  digits: non-private vs DP at eps 1, 3, 8, audits, report (~1 min)
+  dptrain train examples/digits.toml            a DP training run described by a TOML config
+  dptrain train examples/digits.toml --set privacy.target_epsilon=1 --output-dir runs/eps1
+  dptrain report runs/eps1                      rebuild a run's report.html and privacy card
+  dptrain epsilon --sample-rate 0.01 --noise-multiplier 1 --steps 10000 --delta 1e-5
+  dptrain calibrate --target-epsilon 3 --delta 1e-5 --sample-rate 0.004 --epochs 60
+  dptrain budget create patients --epsilon 3 --delta 1e-5 --ledger privacy.db
+  dptrain audit --quick
+
+Run 'dptrain COMMAND --help' for a command's options."""
 
 def _subcommand(subparsers: Any, name: str, summary: str, example: str) -> argparse.ArgumentParser:
     """A subcommand parser whose ``--help`` ends with a worked example."""
@@ -150,6 +165,9 @@ def _add_budget(subparsers: Any) -> None:
         "budget",
         help="privacy budget ledgers: create, show, spend, history, close",
         description="A ledger file holds one budget per dataset; every release is recorded and composed (PLD).",
+        epilog="examples:\n  dptrain budget create patients --epsilon 3 --delta 1e-5 --ledger privacy.db\n"
+        "  dptrain budget show --ledger privacy.db\n  dptrain budget history patients --ledger privacy.db",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
 
@@ -290,7 +308,168 @@ def _run_budget_close(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# -- entry point -----------------------------------------------------------------------------------------------------
+# -- demo --------------------------------------------------------------------------------------------------------------
+
+
+def _add_threads(parser: argparse.ArgumentParser, default: int | None) -> None:
+    parser.add_argument(
+        "--threads", type=int, default=default, metavar="N",
+        help="torch CPU threads" + (f" (default {default}: fastest for these small models)" if default else
+                                    " (default: torch's choice)"),
+    )
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _add_demo(subparsers: Any) -> None:
+    p = _subcommand(
+        subparsers,
+        "demo",
+        "train on scikit-learn's digits without DP and with DP at eps 1, 3, 8; audit each; write a report",
+        "dptrain demo --output-dir runs/demo",
+    )
+    p.description += (
+        ". Every DP run is charged to budget 'digits' in OUTPUT_DIR/privacy.db; each model gets a privacy card "
+        "(OUTPUT_DIR/<run>/privacy_card.md). Ctrl-C stops after a clean shutdown of the current run."
+    )
+    p.add_argument("--output-dir", metavar="DIR", help="where to write (default runs/demo-<timestamp>; must be empty)")
+    p.add_argument(
+        "--epsilons", type=float, nargs="+", default=None, metavar="E", help="DP runs (default 1 3 8; with --quick 3)"
+    )
+    p.add_argument("--delta", type=float, default=None, metavar="D", help="delta of every DP run (default 1e-5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="non-private and eps 3 only (a smoke test)")
+    _add_threads(p, 1)
+    p.set_defaults(handler=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from dptrain.demo import DEMO_DELTA, run_demo
+
+    _set_threads(args.threads)
+    result = run_demo(
+        args.output_dir,
+        epsilons=tuple(args.epsilons) if args.epsilons else None,
+        delta=DEMO_DELTA if args.delta is None else args.delta,
+        quick=args.quick,
+        seed=args.seed,
+    )
+    if result["interrupted"]:
+        return EXIT_INTERRUPTED
+    return 3 if any((s.get("audit") or {}).get("violates_bound") for s in result["summaries"]) else EXIT_OK
+
+
+# -- train -------------------------------------------------------------------------------------------------------------
+
+CONFIG_HELP = """config (TOML; unknown keys, wrong types and missing sections are errors):
+  name = "digits-eps3"          # optional; default: the file name
+  output_dir = "runs/digits"    # optional; default runs/<name>-<timestamp>; relative paths: to the current dir
+  seed = 0
+  [dataset]   name = "digits" | "csv"; test_fraction = 0.2; split_seed = 0; scale_to = [0, 1] (e.g. [-1, 1])
+              csv: path, label_column, classes = [..], features = [..] (default: all other columns),
+                   feature_ranges = {col = [low, high]} or feature_range = [low, high] (known ranges, required)
+  [model]     hidden = [128]; activation = "relu" | "tanh" | "gelu" | "elu" | "silu"
+  [training]  epochs, batch_size (required); max_grad_norm = 1.0; optimizer = "adam" | "sgd"; lr = 0.01;
+              momentum (sgd)
+  [privacy]   target_epsilon or noise_multiplier; delta (required); accountant = "pld" | "rdp"; secure_mode = false
+  [ledger]    path, budget (optional section); cap = E creates the budget if missing
+  [audit]     membership = true
+
+writes OUTPUT_DIR/run.json, metrics.jsonl, checkpoint.pt, report.html, privacy_card.json, privacy_card.md.
+Ctrl-C: finishes the current step, writes the checkpoint, settles the ledger, writes a partial report; exit 130."""
+
+
+def _add_train(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train a model with DP from a TOML config; live progress, checkpoint, ledger, report, privacy card",
+        description="Train a model with differential privacy as described by a TOML config.",
+        epilog=f"{CONFIG_HELP}\n\nexample:\n  dptrain train examples/digits.toml --set training.epochs=20 "
+        "--output-dir runs/digits-20",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", metavar="CONFIG.toml")
+    p.add_argument("--output-dir", metavar="DIR", help="overrides the config's output_dir")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+        help="override a config value, e.g. --set privacy.target_epsilon=1 (repeatable; VALUE is read as TOML)",
+    )
+    p.add_argument("--check", action="store_true", help="validate the config and exit")
+    p.add_argument("--json", action="store_true", help="print the run summary (run.json) as one JSON object")
+    _add_threads(p, None)
+    p.set_defaults(handler=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from dptrain.runner import load_config
+
+    config = load_config(args.config, args.overrides)
+    if args.check:
+        print(json.dumps(config.to_dict()) if args.json else f"{args.config}: valid")
+        return EXIT_OK
+    _set_threads(args.threads)
+    from dptrain.report.console import RichDisplay, make_console, print_run_table
+    from dptrain.runner import run_training
+
+    console = make_console(sys.stderr if args.json else None)
+    result = run_training(config, output_dir=args.output_dir, display=RichDisplay(console))
+    if args.json:
+        print(json.dumps(result.summary))
+        return result.exit_code
+    print_run_table(console, [result.summary])
+    ledger = result.summary.get("ledger")
+    if ledger:
+        console.print(
+            f"ledger {ledger['path']}: entry {ledger['entry_id']} {ledger['entry_status']}; budget "
+            f"'{ledger['budget']}' spent eps {ledger['spent_epsilon']:.3f} of {ledger['cap_epsilon']:g}",
+            markup=False,
+        )
+    run_dir = result.run_dir
+    console.print(f"checkpoint: {run_dir / 'checkpoint.pt'}", soft_wrap=True, markup=False)
+    console.print(f"privacy card: {run_dir / 'privacy_card.md'} (and .json)", soft_wrap=True, markup=False)
+    console.print(f"report: {run_dir / 'report.html'}", soft_wrap=True, markup=False)
+    return result.exit_code
+
+
+# -- report ------------------------------------------------------------------------------------------------------------
+
+
+def _add_report(subparsers: Any) -> None:
+    p = _subcommand(
+        subparsers,
+        "report",
+        "(re)build report.html, privacy_card.json and privacy_card.md of a run or demo directory",
+        "dptrain report runs/digits-eps3",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by dptrain train or dptrain demo")
+    _add_json_flag(p)
+    p.set_defaults(handler=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from dptrain.report import write_report
+
+    written = write_report(args.run_dir)
+    paths = {"report": str(written["report"])}
+    if written["kind"] == "run":
+        paths.update(card_json=str(written["card_json"]), card_md=str(written["card_md"]))
+    else:
+        paths["runs"] = [str(r["report"]) for r in written["runs"]]
+    text = f"report: {paths['report']}"
+    if "card_md" in paths:
+        text += f"\nprivacy card: {paths['card_md']} (and {paths['card_json']})"
+    else:
+        text += "".join(f"\n  run report: {r}" for r in paths["runs"])
+    _emit(args, paths, text)
+    return EXIT_OK
+
 
 # -- audit ------------------------------------------------------------------------------------------------------------
 # Its options live in dptrain.audit.command, which loads torch; main() hands "audit" over to it, so that the other
@@ -326,11 +505,20 @@ def _run_audit(argv: list[str]) -> int:
         return EXIT_USAGE
 
 
-_COMMANDS: tuple[Callable[[Any], None], ...] = (_add_epsilon, _add_calibrate, _add_budget, _add_audit)
+# -- entry point -----------------------------------------------------------------------------------------------------
+
+_COMMANDS: tuple[Callable[[Any], None], ...] = (
+    _add_demo, _add_train, _add_report, _add_epsilon, _add_calibrate, _add_budget, _add_audit
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dptrain", description="Differentially private training for PyTorch.")
+    parser = argparse.ArgumentParser(
+        prog="dptrain",
+        description="Differentially private training for PyTorch.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in _COMMANDS:
         add(subparsers)
@@ -356,6 +544,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"{command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # a second Ctrl-C: aborted without the clean shutdown
+        print(f"{command}: aborted (a ledger reservation of an unfinished run stays in place)", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

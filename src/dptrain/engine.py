@@ -126,7 +126,7 @@ class PrivacyEngine:
     run to a persistent privacy budget (``dptrain.budget``): the planned or allowed steps are reserved before
     training, ``optimizer.step()`` raises ``BudgetExhausted`` once they are used, and ``close()`` settles the
     reservation to the steps actually taken. ``on_budget_exhausted`` is called once, with the engine, after the
-    last step the budget allows.
+    last step the budget allows. ``ledger_note`` is recorded with each reservation (e.g. the run's directory).
     """
 
     def __init__(
@@ -136,6 +136,7 @@ class PrivacyEngine:
         ledger: "BudgetLedger | None" = None,
         budget: str | None = None,
         on_budget_exhausted: "Callable[[PrivacyEngine], None] | None" = None,
+        ledger_note: str = "",
     ) -> None:
         check_accountant(accountant)
         if (ledger is None) != (budget is None):
@@ -145,7 +146,9 @@ class PrivacyEngine:
         self.ledger = ledger
         self.budget = budget
         self.on_budget_exhausted = on_budget_exhausted
-        self._reservations: list[_Reservation] = []
+        self.ledger_note = ledger_note
+        self._reservations: list[_Reservation] = []  # open, settled by close()
+        self._all_reservations: list[_Reservation] = []
         self.accountant = Accountant(accountant)
         self.privacy_unit: str | None = None  # set by make_private: "example" or "user"
         self.secure_mode = secure_mode
@@ -306,7 +309,9 @@ class PrivacyEngine:
             entry_id, allowance = reserved
             dp_optimizer.step_allowance = dp_optimizer.steps_taken + allowance
             dp_optimizer.budget_name = self.budget
-            self._reservations.append(_Reservation(dp_optimizer, entry_id, dp_optimizer.steps_taken))
+            reservation = _Reservation(dp_optimizer, entry_id, dp_optimizer.steps_taken)
+            self._reservations.append(reservation)
+            self._all_reservations.append(reservation)
         self.optimizers.append(dp_optimizer)
         return module, dp_optimizer, private_loader
 
@@ -381,14 +386,20 @@ class PrivacyEngine:
                 steps = max(allowance, 1)
             else:
                 allowance = steps = planned_steps
+            note = f"{self.ledger_note}: " if self.ledger_note else ""
             entry_id = self.ledger.reserve(
-                self.budget, sample_rate, noise_multiplier, steps, note=f"dptrain run, {steps} steps reserved"
+                self.budget, sample_rate, noise_multiplier, steps, note=f"{note}dptrain run, {steps} steps reserved"
             )
         if world_size > 1:
             shared = [allowance]
             dist.broadcast_object_list(shared, src=0)
             allowance = shared[0]
         return entry_id, allowance
+
+    @property
+    def ledger_entries(self) -> list[int]:
+        """Ids of the ledger entries this engine reserved (on rank 0; empty without a ledger)."""
+        return [r.entry_id for r in self._all_reservations if r.entry_id is not None]
 
     def close(self) -> None:
         """Settle every ledger reservation to the steps actually taken. Idempotent."""

@@ -200,3 +200,9 @@ def test_audit_is_delegated_to_the_audit_command(capsys):
     report = json.loads(capsys.readouterr().out)
     assert code == 0
     assert report["runs"] and all("empirical_epsilon_lower_bound" in json.dumps(run) for run in report["runs"])
+
+
+def test_experiment_is_delegated_to_the_lm_experiments(capsys):
+    assert main(["experiment", "--help"]) == 0
+    assert "usage: dptrain experiment" in capsys.readouterr().out
+    assert main(["experiment", "nonsense"]) == 2

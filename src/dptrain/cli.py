@@ -505,10 +505,44 @@ def _run_audit(argv: list[str]) -> int:
         return EXIT_USAGE
 
 
+# -- experiment -------------------------------------------------------------------------------------------------------
+# Language-model experiments need transformers and peft; like audit, main() hands them over to dptrain.lm.command.
+
+
+def _add_experiment(subparsers: Any) -> None:
+    subparsers.add_parser(
+        "experiment",
+        add_help=False,
+        help="research experiments, e.g. memorization: do DP language models repeat planted secrets? "
+        "(dptrain experiment --help)",
+    )
+
+
+def _run_experiment(argv: list[str]) -> int:
+    from dptrain.lm.command import add_experiment_arguments, run_experiment_command
+
+    parser = argparse.ArgumentParser(
+        prog="dptrain experiment",
+        description="Fine-tune a small GPT-2 on a synthetic support-chat corpus with planted secrets, non-privately "
+        "and with user-level DP, and report perplexity, canary exposure and extraction.",
+        epilog="example: dptrain experiment memorization --quick --json",
+    )
+    add_experiment_arguments(parser)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else EXIT_OK
+    try:
+        return run_experiment_command(args)
+    except ValueError as e:
+        print(f"dptrain experiment: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
 # -- entry point -----------------------------------------------------------------------------------------------------
 
 _COMMANDS: tuple[Callable[[Any], None], ...] = (
-    _add_demo, _add_train, _add_report, _add_epsilon, _add_calibrate, _add_budget, _add_audit
+    _add_demo, _add_train, _add_report, _add_epsilon, _add_calibrate, _add_budget, _add_audit, _add_experiment
 )
 
 
@@ -530,6 +564,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["audit"]:
         return _run_audit(argv[1:])
+    if argv[:1] == ["experiment"]:
+        return _run_experiment(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -166,7 +166,9 @@ class DPOptimizer(Optimizer):
                 "user-level privacy needs the private data loader's batches: the optimizer did not receive the users "
                 "of this batch (use the data loader returned by make_private, unchanged)"
             )
-        rows = torch.tensor([self._unit_rows.setdefault(int(u), len(self._unit_rows)) for u in units.tolist()])
+        rows = torch.tensor(
+            [self._unit_rows.setdefault(int(u), len(self._unit_rows)) for u in units.tolist()], dtype=torch.long
+        )
         count = len(self._unit_rows)
         for p, g in per_example.items():
             total = self._unit_sums.get(p)

@@ -45,15 +45,6 @@ NONPRIVATE_EPOCHS = 200
 DELTA = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small models on a shared 2-core machine: one thread avoids oversubscription and is as fast.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data():
     return digits_audit_data(NUM_CANARIES, seed=0)

@@ -23,14 +23,6 @@ from dptrain.audit import ExposureResult, SecretFormat, canary_exposure
 PINS = SecretFormat("0123456789", 4, prefix="my pin is ")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def value_model(fmt: SecretFormat):
     """Log-likelihood = minus the numeric value of the secret part: candidate v has exactly v more likely ones."""
     return lambda cands: -np.array([float(c[len(fmt.prefix):]) for c in cands])

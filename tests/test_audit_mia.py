@@ -11,7 +11,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
@@ -28,14 +27,6 @@ from dptrain.audit import (
     tpr_at_fpr,
 )
 from dptrain.audit.roc import auc, balanced_accuracy, clopper_pearson, point_epsilon
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

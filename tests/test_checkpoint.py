@@ -18,16 +18,6 @@ from dptrain import PrivacyEngine
 DELTA = 1e-5
 K_STEPS, M_STEPS = 8, 6  # 4 steps per epoch: the checkpoint falls on an epoch boundary
 
-
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """Small models: one intra-op thread is faster, and avoids OpenMP oversubscription slowing these tests ~10x
-    when the 2-core machine is shared with other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 # Shared by the test process and the resumed process: the same model, data, optimizer and engine settings.
 SETUP = textwrap.dedent(
     """

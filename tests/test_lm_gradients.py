@@ -26,14 +26,6 @@ VOCAB = 40
 MODES = ("auto", "vmap")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def gpt2(seed: int = 0):
     model = tiny_gpt2(VOCAB, n_layer=2, n_embd=16, n_head=2, n_positions=16, seed=seed).double()
     assert model.lm_head.weight is model.transformer.wte.weight  # tied

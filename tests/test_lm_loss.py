@@ -10,14 +10,6 @@ import torch
 from dptrain.lm import causal_lm_loss, tiny_gpt2, token_log_likelihoods
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model():
     return tiny_gpt2(30, n_layer=1, n_embd=16, n_head=2, n_positions=16, seed=0).double().eval()

@@ -47,14 +47,6 @@ SMALL = memorization.MemorizationConfig(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return SimpleTokenizer.from_texts([vocabulary_text()])

@@ -24,14 +24,6 @@ from dptrain.lm import PrivacySettings, causal_lm_loss, train_causal_lm
 from test_lm_gradients import LR, example_gradients, lora_gpt2, padded_batch
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def user_sums(grads: list[list[torch.Tensor]], users: list[int], reduction: str) -> dict[int, list[torch.Tensor]]:
     out = {}
     for u in sorted(set(users)):

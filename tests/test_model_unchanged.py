@@ -5,22 +5,11 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dptrain import PrivacyEngine
-
-
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """Small models: one intra-op thread is faster, and avoids OpenMP oversubscription slowing these tests ~10x
-    when the 2-core machine is shared with other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Classifier(nn.Module):

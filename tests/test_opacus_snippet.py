@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-sklearn_datasets = pytest.importorskip("sklearn.datasets")
-sklearn_split = pytest.importorskip("sklearn.model_selection")
+import sklearn.datasets as sklearn_datasets
+import sklearn.model_selection as sklearn_split
 
 EPOCHS = 6
 EPSILON = 4.0
@@ -21,16 +21,6 @@ DELTA = 1e-5
 MAX_GRAD_NORM = 1.0
 BATCH_SIZE = 256
 LR = 1.0
-
-
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """Small models: one intra-op thread is faster, and avoids OpenMP oversubscription slowing these tests ~10x
-    when the 2-core machine is shared with other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _digits() -> tuple[DataLoader, TensorDataset]:

@@ -20,20 +20,10 @@ from dptrain import PrivacyEngine, compute_epsilon
 from dptrain.randomness import RandomSource
 from dptrain.sampling import DPDataLoader, PoissonBatchSampler
 
-stats = pytest.importorskip("scipy.stats")
+import scipy.stats as stats
 
 SE_MULT = 6.0
 FAMILY_LEVEL = 1e-6
-
-
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """Small models: one intra-op thread is faster, and avoids OpenMP oversubscription slowing these tests ~10x
-    when the 2-core machine is shared with other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _binomial_bounds(trials: int, p: float, tests: int) -> tuple[int, int]:

@@ -14,16 +14,6 @@ from dptrain import PrivacyEngine
 from dptrain.validators import ModuleValidator, UnsupportedModuleError
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """Small models: one intra-op thread is faster, and avoids OpenMP oversubscription slowing these tests ~10x
-    when the 2-core machine is shared with other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Block(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -484,25 +484,33 @@ def _add_audit(subparsers: Any) -> None:
     )
 
 
-def _run_audit(argv: list[str]) -> int:
-    from dptrain.audit.command import add_audit_arguments, run_audit_command
-
-    parser = argparse.ArgumentParser(
-        prog="dptrain audit",
-        description="Audit the demo digits model, non-private and at each --epsilon: membership inference and the "
-        "one-run empirical epsilon lower bound. Exit status 3 flags a run that leaks more than it claims.",
-        epilog="example: dptrain audit --quick --json",
-    )
-    add_audit_arguments(parser)
+def _delegate(argv: list[str], prog: str, description: str, example: str, add_arguments, run) -> int:
+    """Parse ``argv`` with a command's own options (defined in its module) and run it."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=f"example: {example}")
+    add_arguments(parser)
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else EXIT_OK
     try:
-        return run_audit_command(args)
+        return run(args)
     except ValueError as e:
-        print(f"dptrain audit: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _run_audit(argv: list[str]) -> int:
+    from dptrain.audit.command import add_audit_arguments, run_audit_command
+
+    return _delegate(
+        argv,
+        "dptrain audit",
+        "Audit the demo digits model, non-private and at each --epsilon: membership inference and the one-run "
+        "empirical epsilon lower bound. Exit status 3 flags a run that leaks more than it claims.",
+        "dptrain audit --quick --json",
+        add_audit_arguments,
+        run_audit_command,
+    )
 
 
 # -- experiment -------------------------------------------------------------------------------------------------------
@@ -521,22 +529,15 @@ def _add_experiment(subparsers: Any) -> None:
 def _run_experiment(argv: list[str]) -> int:
     from dptrain.lm.command import add_experiment_arguments, run_experiment_command
 
-    parser = argparse.ArgumentParser(
-        prog="dptrain experiment",
-        description="Fine-tune a small GPT-2 on a synthetic support-chat corpus with planted secrets, non-privately "
-        "and with user-level DP, and report perplexity, canary exposure and extraction.",
-        epilog="example: dptrain experiment memorization --quick --json",
+    return _delegate(
+        argv,
+        "dptrain experiment",
+        "Fine-tune a small GPT-2 on a synthetic support-chat corpus with planted secrets, non-privately and with "
+        "user-level DP, and report perplexity, canary exposure and extraction.",
+        "dptrain experiment memorization --quick --json",
+        add_experiment_arguments,
+        run_experiment_command,
     )
-    add_experiment_arguments(parser)
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else EXIT_OK
-    try:
-        return run_experiment_command(args)
-    except ValueError as e:
-        print(f"dptrain experiment: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
 
 
 # -- entry point -----------------------------------------------------------------------------------------------------

@@ -100,7 +100,7 @@ def _limitations(run: dict[str, Any]) -> list[str]:
     items = []
     if privacy["differentially_private"]:
         items.append(
-            f"The privacy unit is one example (one row). If a person can appear in several rows, their protection is "
+            "The privacy unit is one example (one row). If a person can appear in several rows, their protection is "
             "weaker (group privacy: about k x epsilon for k rows); use a user-level budget in that case."
         )
         items.append(

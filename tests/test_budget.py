@@ -9,7 +9,7 @@ import re
 import signal
 import sqlite3
 import time
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import dp_accounting
@@ -72,7 +72,7 @@ def test_issue_example_round_trip(ledger: BudgetLedger):
         "pld",
     )
     assert (entry.sample_rate, entry.noise_multiplier, entry.group_size) == (0.01, 1.0, 1)
-    assert datetime.fromisoformat(entry.created_at).utcoffset().total_seconds() == 0
+    assert datetime.fromisoformat(entry.created_at).tzinfo == timezone.utc  # stored in UTC
     # A second ledger object on the same file (another process, tomorrow) sees the same state.
     assert BudgetLedger(ledger.path).spent("patients") == spent
 

@@ -212,27 +212,29 @@ class PrivacyEngine:
         data_loader: DataLoader,
         noise_multiplier: float,
         max_grad_norm: float,
-        poisson_sampling: bool,
-        loss_reduction: str,
-        max_physical_batch_size: int | None,
-        batch_first: bool,
-        grad_sample_mode: str,
-        noise_generator: torch.Generator | None,
-        privacy_unit: str,
-        user_ids: Any,
-        user_reduction: str,
         planned_steps: int | None,
+        poisson_sampling: bool = True,
+        loss_reduction: str = "mean",
+        max_physical_batch_size: int | None = None,
+        batch_first: bool = True,
+        grad_sample_mode: str = "auto",
+        noise_generator: torch.Generator | None = None,
+        privacy_unit: str = "example",
+        user_ids: Any = None,
+        user_reduction: str = "sum",
     ) -> tuple[nn.Module, DPOptimizer, DataLoader]:
+        """``make_private``'s implementation; ``planned_steps`` is the ledger reservation (None: what is left)."""
         check_noise_multiplier(noise_multiplier)
         users = _check_privacy_unit(privacy_unit, user_ids, user_reduction, poisson_sampling, data_loader)
         if self.privacy_unit is not None and privacy_unit != self.privacy_unit:
             raise ValueError(
                 f"this engine accounts per {self.privacy_unit}; use another PrivacyEngine for a per-{privacy_unit} run"
             )
-        if self.ledger is not None and self.ledger.budget(self.budget).privacy_unit != privacy_unit:
+        budget_unit = self.ledger.budget(self.budget).privacy_unit if self.ledger is not None else privacy_unit
+        if budget_unit != privacy_unit:
             raise ValueError(
-                f"budget {self.budget!r} protects each {self.ledger.budget(self.budget).privacy_unit}, but this run's "
-                f"privacy unit is {privacy_unit!r}; charge it to a budget created with privacy_unit={privacy_unit!r}"
+                f"budget {self.budget!r} protects each {budget_unit}, but this run's privacy unit is "
+                f"{privacy_unit!r}; charge it to a budget created with privacy_unit={privacy_unit!r}"
             )
         _check_positive(max_grad_norm, "max_grad_norm")
         if loss_reduction not in LOSS_REDUCTIONS:
@@ -344,21 +346,6 @@ class PrivacyEngine:
             sample_rate = (data_loader.batch_size or 1) / dataset_size
         steps = epochs * steps_per_epoch
         noise_multiplier = calibrate_noise(target_epsilon, target_delta, sample_rate, steps, self.accountant.kind)
-        options = {
-            "poisson_sampling": True,
-            "loss_reduction": "mean",
-            "max_physical_batch_size": None,
-            "batch_first": True,
-            "grad_sample_mode": "auto",
-            "noise_generator": None,
-            "privacy_unit": "example",
-            "user_ids": None,
-            "user_reduction": "sum",
-        }
-        unknown = set(kwargs) - set(options)
-        if unknown:
-            raise TypeError(f"make_private_with_epsilon got unexpected arguments {sorted(unknown)}")
-        options.update(kwargs)
         return self._make_private(
             module=module,
             optimizer=optimizer,
@@ -366,7 +353,7 @@ class PrivacyEngine:
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,
             planned_steps=steps,
-            **options,
+            **kwargs,
         )
 
     def _reserve(

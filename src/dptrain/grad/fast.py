@@ -63,14 +63,16 @@ class _FastGradients(PerExampleGradients):
         self.scale = scale
         self.calls = calls
         self.fallback = fallback
-        self.params = params
         self.batch_size = batch_size
-        uses = Counter(p for _, call in calls for p in self._owned(call).values())
+        # Each call's privatised parameters by name, looked up once (the training step's hot path uses them thrice).
+        self.owned = [
+            {name: p for name, p in call.module.named_parameters(recurse=False) if p in params} for _, call in calls
+        ]
+        uses = Counter(p for owned in self.owned for p in owned.values())
         if fallback is not None:
             uses.update(list(fallback.per_param))
         self.shared: dict[nn.Parameter, torch.Tensor] = {}
-        for rule, call in calls:
-            owned = self._owned(call)
+        for (rule, call), owned in zip(calls, self.owned):
             if any(uses[p] > 1 for p in owned.values()):
                 for name, g in rule.per_example(call).items():
                     p = owned.get(name)
@@ -85,17 +87,13 @@ class _FastGradients(PerExampleGradients):
             rest = {p: g for p, g in fallback.per_param.items() if uses[p] == 1}
             self.fallback = MaterializedGradients(rest, fallback.batch_size) if rest else None
 
-    def _owned(self, call: LayerCall) -> dict[str, nn.Parameter]:
-        return {name: p for name, p in call.module.named_parameters(recurse=False) if p in self.params}
-
     def squared_norms(self) -> torch.Tensor:
         tensors = [call.output_grad for _, call in self.calls] + list(self.shared.values())
         if self.fallback is not None:
             tensors += list(self.fallback.per_param.values())
         dtype = torch.promote_types(torch.float32, tensors[0].dtype) if tensors else torch.float32
         total = torch.zeros(self.batch_size, device=tensors[0].device if tensors else None, dtype=dtype)
-        for rule, call in self.calls:
-            owned = self._owned(call)
+        for (rule, call), owned in zip(self.calls, self.owned):
             for name, sq in rule.squared_norms(call).items():
                 p = owned.get(name)
                 if p is not None and p not in self.shared:
@@ -108,8 +106,7 @@ class _FastGradients(PerExampleGradients):
 
     def weighted_sum(self, weights: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
         out: dict[nn.Parameter, torch.Tensor] = {}
-        for rule, call in self.calls:
-            owned = self._owned(call)
+        for (rule, call), owned in zip(self.calls, self.owned):
             if all(p in self.shared for p in owned.values()):
                 continue
             for name, g in rule.weighted_sum(call, weights.to(call.output_grad.device) * self.scale).items():
@@ -124,8 +121,7 @@ class _FastGradients(PerExampleGradients):
 
     def materialize(self) -> dict[nn.Parameter, torch.Tensor]:
         out: dict[nn.Parameter, torch.Tensor] = dict(self.shared)
-        for rule, call in self.calls:
-            owned = self._owned(call)
+        for (rule, call), owned in zip(self.calls, self.owned):
             for name, g in rule.per_example(call).items():
                 p = owned.get(name)
                 if p is not None and p not in self.shared:

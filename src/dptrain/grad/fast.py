@@ -5,20 +5,24 @@ squared norms come from the layer rules in ``dptrain.grad.layers`` (ghost norm w
 per-example gradients); once every example's total norm is known, each layer's clipped sum is formed from the same
 kept tensors with the per-example clip factors (Bu et al., ICML 2023): no second backward pass.
 
-Layers without a rule that own parameters fall back to torch.func per-example gradients for that layer only
-(nn.MultiheadAttention, nn.LSTM/GRU, custom layers). A parameter used by several layer calls (tied embeddings, a
+nn.MultiheadAttention runs as its pieces (``layers/attention.py``) so that its projections are linear calls with
+their own hooks. Layers without a rule that own parameters fall back to torch.func per-example gradients for that
+layer only (nn.LSTM/GRU, custom layers, attention configurations the decomposition does not cover). A parameter used by several layer calls (tied embeddings, a
 layer applied twice) has its per-example gradients materialised and summed over the calls, which is exact.
 """
 
 from __future__ import annotations
 
+import types
 from collections import Counter
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dptrain.grad.base import GradSampler, MaterializedGradients, PerExampleGradients, ReplayGuard
 from dptrain.grad.layers import LayerCall, LayerRule, rule_for
+from dptrain.grad.layers.attention import attention_forward, can_decompose
 from dptrain.grad.vmap import VmapGradSampler
 
 #: Layers whose forward uses their children's parameters directly (not by calling the children), so the whole
@@ -162,6 +166,7 @@ class FastGradSampler(GradSampler):
         self._suspended: dict[nn.Module, list[nn.Parameter]] = {}
         # Layers seen applied to inputs without a batch dimension, handled by a replay of the whole model.
         self._unbatched_layers: set[nn.Module] = set()
+        self._decomposed: list[nn.Module] = []
         self._root_replay = VmapGradSampler(
             module, batch_first=batch_first, loss_reduction=loss_reduction, guard=self.guard, enabled=False
         )
@@ -178,7 +183,9 @@ class FastGradSampler(GradSampler):
             return
         if isinstance(module, COMPOSITE_LAYERS):
             params = [p for p in module.parameters() if p.requires_grad]
-            if params:
+            if params and type(module) is nn.MultiheadAttention and can_decompose(module):
+                self._decompose_attention(module, path)
+            elif params:
                 self._add_fallback(module, params, batch_first)
             return
         direct = [p for p in module.parameters(recurse=False) if p.requires_grad]
@@ -243,24 +250,71 @@ class FastGradSampler(GradSampler):
                 if self.batch_dim != 0 or not broadcast:
                     # The output's gradient is summed over examples by whatever code broadcasts it: only a replay
                     # of the whole model can attribute it.
-                    self._unbatched_layers.add(module)
-                    self._root_replay.enabled = True
+                    self._replay_whole_model(module)
                     return None
                 # A leading 1 broadcast over the batch: give each example its own view of the output, so the
                 # backward pass yields per-example output gradients; broadcasting sees the same values.
                 activation = activation.expand(batch_size, *activation.shape[1:])
                 replaced = output = output.expand(batch_size, *output.shape[1:])
-
-            def on_output_grad(grad: torch.Tensor) -> None:
-                g = grad.detach()
-                if self.batch_dim != 0:
-                    g = g.movedim(self.batch_dim, 0)
-                self._calls.append((rule, LayerCall(module, activation, g)))
-
-            output.register_hook(on_output_grad)
+            self._record(rule, module, activation, output, self.batch_dim)
             return replaced
 
         return on_forward
+
+    def _record(
+        self, rule: LayerRule, module: nn.Module, activation: torch.Tensor, output: torch.Tensor, batch_dim: int
+    ) -> None:
+        """Keep ``activation`` (batch first) and, once the backward pass reaches it, the gradient of ``output``."""
+
+        def on_output_grad(grad: torch.Tensor) -> None:
+            g = grad.detach()
+            if batch_dim != 0:
+                g = g.movedim(batch_dim, 0)
+            self._calls.append((rule, LayerCall(module, activation, g)))
+
+        output.register_hook(on_output_grad)
+
+    def _replay_whole_model(self, module: nn.Module) -> None:
+        """From now on, ``module``'s parameters get their per-example gradients from a replay of the whole model."""
+        self._unbatched_layers.update(module.modules())
+        self._root_replay.enabled = True
+
+    def _recorded_linear(
+        self, rule: LayerRule, module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """F.linear inside a decomposed layer (batch-first ``x``), recorded for ``rule`` like a rule layer's call."""
+        if self._skip_autograd_weight_grads and x.requires_grad:
+            weight, bias = weight.detach(), (bias.detach() if bias is not None else None)
+        output = F.linear(x, weight, bias)
+        if output.requires_grad:
+            self._record(rule, module, x.detach(), output, 0)
+        return output
+
+    def _decompose_attention(self, module: nn.MultiheadAttention, path: str) -> None:
+        """Run ``module`` as its pieces (``attention_forward``) so its projections go through the Linear rule.
+
+        Calls the engine cannot attribute by themselves (unbatched inputs, another batch size) use the module's own
+        forward and a replay of the whole model; so do replays and passes without gradient.
+        """
+        original = nn.MultiheadAttention.forward
+
+        def forward(attention: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    *args, **kwargs):
+            if self.guard.active or not torch.is_grad_enabled() or self._batch_size is None:
+                return original(attention, query, key, value, *args, **kwargs)
+            if attention in self._unbatched_layers:
+                return original(attention, query, key, value, *args, **kwargs)
+            batch = query.shape[0 if attention.batch_first else 1] if query.dim() == 3 else None
+            if batch != self._batch_size:
+                self._replay_whole_model(attention)
+                return original(attention, query, key, value, *args, **kwargs)
+            return attention_forward(attention, self._recorded_linear, query, key, value, *args, **kwargs)
+
+        # An instance attribute, so nn.Module.__call__ runs it instead of the class's forward; a bound method, so a
+        # deep copy of the model binds it to the copy.
+        module.forward = types.MethodType(forward, module)
+        self._decomposed.append(module)
+        self.fast_layers.append(path)
 
     def collect(self, params: list[nn.Parameter]) -> PerExampleGradients | None:
         wanted = set(params)
@@ -328,6 +382,9 @@ class FastGradSampler(GradSampler):
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
+        for module in self._decomposed:
+            del module.forward
+        self._decomposed = []
         self._root_replay.detach()
         for sampler, _ in self.fallbacks:
             sampler.detach()

@@ -26,9 +26,16 @@ def ghost_is_cheaper(steps: int, d_in: int, d_out: int) -> bool:
 
 
 class LinearRule(LayerRule):
-    """y = a W^T + b with W (out, in); ``transposed`` for Conv1D's W (in, out)."""
+    """y = a W^T + b with W (out, in); ``transposed`` for Conv1D's W (in, out).
+
+    ``weight`` and ``bias`` name the layer's parameters (nn.MultiheadAttention's in-projection is a linear layer
+    with ``in_proj_weight`` and ``in_proj_bias``).
+    """
 
     transposed = False
+
+    def __init__(self, weight: str = "weight", bias: str = "bias") -> None:
+        self.weight, self.bias = weight, bias
 
     def _weight_grads(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         pattern = "btd,btp->bdp" if self.transposed else "btp,btd->bpd"
@@ -37,36 +44,36 @@ class LinearRule(LayerRule):
     def per_example(self, call: LayerCall) -> dict[str, torch.Tensor]:
         a, g = _as_sequence(call)
         out = {}
-        if trainable(call.module, "weight"):
-            out["weight"] = self._weight_grads(a, g)
-        if trainable(call.module, "bias"):
-            out["bias"] = g.sum(1)
+        if trainable(call.module, self.weight):
+            out[self.weight] = self._weight_grads(a, g)
+        if trainable(call.module, self.bias):
+            out[self.bias] = g.sum(1)
         return out
 
     def squared_norms(self, call: LayerCall) -> dict[str, torch.Tensor]:
         a, g = _as_sequence(call)
         out = {}
-        if trainable(call.module, "weight"):
+        if trainable(call.module, self.weight):
             steps, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
             if steps == 1:
-                out["weight"] = a[:, 0].pow(2).sum(1) * g[:, 0].pow(2).sum(1)
+                out[self.weight] = a[:, 0].pow(2).sum(1) * g[:, 0].pow(2).sum(1)
             elif ghost_is_cheaper(steps, d_in, d_out):
-                out["weight"] = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+                out[self.weight] = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
             else:
-                out["weight"] = self._weight_grads(a, g).flatten(1).pow(2).sum(1)
-        if trainable(call.module, "bias"):
-            out["bias"] = g.sum(1).pow(2).sum(1)
+                out[self.weight] = self._weight_grads(a, g).flatten(1).pow(2).sum(1)
+        if trainable(call.module, self.bias):
+            out[self.bias] = g.sum(1).pow(2).sum(1)
         return out
 
     def weighted_sum(self, call: LayerCall, weights: torch.Tensor) -> dict[str, torch.Tensor]:
         a, g = _as_sequence(call)
         weighted = g * weights.to(g.dtype)[:, None, None]
         out = {}
-        if trainable(call.module, "weight"):
+        if trainable(call.module, self.weight):
             flat_a, flat_g = a.reshape(-1, a.shape[-1]), weighted.reshape(-1, g.shape[-1])
-            out["weight"] = flat_a.T @ flat_g if self.transposed else flat_g.T @ flat_a
-        if trainable(call.module, "bias"):
-            out["bias"] = weighted.sum((0, 1))
+            out[self.weight] = flat_a.T @ flat_g if self.transposed else flat_g.T @ flat_a
+        if trainable(call.module, self.bias):
+            out[self.bias] = weighted.sum((0, 1))
         return out
 
 
@@ -78,3 +85,23 @@ class TransposedLinearRule(LinearRule):
 
 
 register_rule_by_name("transformers.pytorch_utils.Conv1D", TransposedLinearRule())
+
+
+class RowBlockLinearRule(LinearRule):
+    """A linear map by rows ``rows`` of a larger weight (and bias): attention's query or key/value projection when
+    the three inputs differ. Per-example gradients and sums are full-shape, zero outside the block."""
+
+    def __init__(self, rows: slice, weight: str, bias: str) -> None:
+        super().__init__(weight, bias)
+        self.rows = rows
+
+    def _padded(self, call: LayerCall, name: str, block: torch.Tensor, leading: tuple[int, ...]) -> torch.Tensor:
+        full = block.new_zeros((*leading, *getattr(call.module, name).shape))
+        full[(slice(None),) * len(leading) + (self.rows,)] = block
+        return full
+
+    def per_example(self, call: LayerCall) -> dict[str, torch.Tensor]:
+        return {n: self._padded(call, n, g, (call.batch_size,)) for n, g in super().per_example(call).items()}
+
+    def weighted_sum(self, call: LayerCall, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {n: self._padded(call, n, g, ()) for n, g in super().weighted_sum(call, weights).items()}

@@ -51,6 +51,20 @@ def _needs_fallback(module: nn.Module) -> bool:
     return isinstance(module, nn.Embedding) and (module.scale_grad_by_freq or module.sparse)
 
 
+class _OutputGradientTap(torch.autograd.Function):
+    """Identity on ``output`` that puts it on the autograd graph through ``anchor`` (a scalar leaf), so that the
+    backward pass reaches a layer output that would otherwise need no gradient. Returns a copy, so in-place
+    operations on the result (ReLU(inplace=True)) are allowed."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        return output.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, None]:
+        return None, None
+
+
 class _FastGradients(PerExampleGradients):
     """Per-example norms and weighted sums over layer calls, materialising only parameters used more than once."""
 
@@ -92,28 +106,36 @@ class _FastGradients(PerExampleGradients):
             self.fallback = MaterializedGradients(rest, fallback.batch_size) if rest else None
 
     def squared_norms(self) -> torch.Tensor:
-        tensors = [call.output_grad for _, call in self.calls] + list(self.shared.values())
+        rule_terms = [
+            sq
+            for (rule, call), owned in zip(self.calls, self.owned)
+            for name, sq in rule.squared_norms(call).items()
+            if (p := owned.get(name)) is not None and p not in self.shared
+        ]
+        other_terms = [g.flatten(1).pow(2).sum(1) for g in self.shared.values()]
         if self.fallback is not None:
-            tensors += list(self.fallback.per_param.values())
-        dtype = torch.promote_types(torch.float32, tensors[0].dtype) if tensors else torch.float32
-        total = torch.zeros(self.batch_size, device=tensors[0].device if tensors else None, dtype=dtype)
-        for (rule, call), owned in zip(self.calls, self.owned):
-            for name, sq in rule.squared_norms(call).items():
-                p = owned.get(name)
-                if p is not None and p not in self.shared:
-                    total = total + sq.to(total.device, total.dtype) * self.scale**2
-        for g in self.shared.values():
-            total = total + g.flatten(1).pow(2).sum(1).to(total.device, total.dtype)
-        if self.fallback is not None:
-            total = total + self.fallback.squared_norms().to(total.device, total.dtype)
-        return total
+            other_terms.append(self.fallback.squared_norms())
+        terms = rule_terms + other_terms
+        if not terms:
+            return torch.zeros(self.batch_size)
+        device, dtype = terms[0].device, torch.promote_types(torch.float32, terms[0].dtype)
+
+        def total(tensors: list[torch.Tensor]) -> torch.Tensor:
+            return torch.stack([t.to(device, dtype) for t in tensors]).sum(0)
+
+        norms = total(rule_terms) * self.scale**2 if rule_terms else torch.zeros(self.batch_size, device=device, dtype=dtype)
+        return norms + total(other_terms) if other_terms else norms
 
     def weighted_sum(self, weights: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
         out: dict[nn.Parameter, torch.Tensor] = {}
+        scaled: dict[torch.device, torch.Tensor] = {}  # the weights times the output-gradient scale, per device
         for (rule, call), owned in zip(self.calls, self.owned):
             if all(p in self.shared for p in owned.values()):
                 continue
-            for name, g in rule.weighted_sum(call, weights.to(call.output_grad.device) * self.scale).items():
+            device = call.output_grad.device
+            if device not in scaled:
+                scaled[device] = weights.to(device) * self.scale
+            for name, g in rule.weighted_sum(call, scaled[device]).items():
                 p = owned.get(name)
                 if p is not None and p not in self.shared:
                     out[p] = g
@@ -164,6 +186,7 @@ class FastGradSampler(GradSampler):
         self._skip_autograd_weight_grads = False
         self._may_skip_autograd_weight_grads = check_attribution
         self._suspended: dict[nn.Module, list[nn.Parameter]] = {}
+        self._tap_anchor = torch.zeros((), requires_grad=True)
         # Layers seen applied to inputs without a batch dimension, handled by a replay of the whole model.
         self._unbatched_layers: set[nn.Module] = set()
         self._decomposed: list[nn.Module] = []
@@ -220,38 +243,42 @@ class FastGradSampler(GradSampler):
                 return
 
     def _suspend_weight_grads(self, module: nn.Module, args: tuple) -> None:
-        """Before a rule layer's forward: if its input carries gradient, stop autograd from also building the
-        layer's weight gradient (the output still requires grad, so the output-gradient hook still fires)."""
+        """Before a rule layer's forward: stop autograd from also building the layer's parameter gradients (the
+        clipped sum replaces them); the forward hook makes sure the backward pass still reaches the output."""
         if not self._skip_autograd_weight_grads or self.guard.active or not torch.is_grad_enabled():
             return
-        if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
-            params = [p for p in module.parameters(recurse=False) if p.requires_grad]
-            for p in params:
-                p.requires_grad_(False)
-            self._suspended[module] = params
+        params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        self._suspended[module] = params
 
     def _fast_hook(self, rule: LayerRule, path: str):
         def on_forward(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            for p in self._suspended.pop(module, ()):  # runs even when forward raised (always_call)
+            suspended = self._suspended.pop(module, ())
+            for p in suspended:  # runs even when forward raised (always_call)
                 p.requires_grad_(True)
-            if self.guard.active or not torch.is_grad_enabled():
+            if self.guard.active or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
                 return None
-            if not isinstance(output, torch.Tensor) or not output.requires_grad:
-                return None
+            replaced = None
+            if not output.requires_grad:
+                if not suspended:
+                    return None
+                # The input carries no gradient (a first layer) and the parameters were suspended: route the
+                # output through a tap so that the backward pass still delivers its gradient.
+                replaced = output = _OutputGradientTap.apply(output, self._tap_anchor)
             activation = args[0].detach()
             if self.batch_dim != 0:
                 activation = activation.movedim(self.batch_dim, 0)
             batch_size = self._batch_size
             if batch_size is None or module in self._unbatched_layers:
-                return None
-            replaced = None
+                return replaced
             broadcast = _has_broadcast_batch(activation, batch_size)
             if broadcast or _lacks_batch_dimension(activation, batch_size):
                 if self.batch_dim != 0 or not broadcast:
                     # The output's gradient is summed over examples by whatever code broadcasts it: only a replay
                     # of the whole model can attribute it.
                     self._replay_whole_model(module)
-                    return None
+                    return replaced
                 # A leading 1 broadcast over the batch: give each example its own view of the output, so the
                 # backward pass yields per-example output gradients; broadcasting sees the same values.
                 activation = activation.expand(batch_size, *activation.shape[1:])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -22,6 +22,8 @@ class LayerCall:
     module: nn.Module
     activation: torch.Tensor
     output_grad: torch.Tensor
+    #: Per-example gradients once a rule has materialised them (norms and sums then reuse them).
+    materialised: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def batch_size(self) -> int:
@@ -35,13 +37,19 @@ class LayerRule(ABC):
     def per_example(self, call: LayerCall) -> dict[str, torch.Tensor]:
         """Materialised per-example gradients, name -> (batch, *param.shape)."""
 
+    def materialised(self, call: LayerCall) -> dict[str, torch.Tensor]:
+        """``per_example(call)``, computed once per call."""
+        if call.materialised is None:
+            call.materialised = self.per_example(call)
+        return call.materialised
+
     def squared_norms(self, call: LayerCall) -> dict[str, torch.Tensor]:
         """Per-example squared gradient norm of each parameter, name -> (batch,). Override when cheaper."""
-        return {name: g.flatten(1).pow(2).sum(1) for name, g in self.per_example(call).items()}
+        return {name: g.flatten(1).pow(2).sum(1) for name, g in self.materialised(call).items()}
 
     def weighted_sum(self, call: LayerCall, weights: torch.Tensor) -> dict[str, torch.Tensor]:
         """sum_i weights[i] * g_i for each parameter, name -> param.shape. Override when cheaper."""
-        return {name: torch.einsum("b,b...->...", weights.to(g.dtype), g) for name, g in self.per_example(call).items()}
+        return {name: torch.einsum("b,b...->...", weights.to(g.dtype), g) for name, g in self.materialised(call).items()}
 
 
 RULES: dict[type[nn.Module], LayerRule] = {}

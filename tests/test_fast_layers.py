@@ -200,6 +200,12 @@ CONV_CASES = {
         False,
     ),
     "2d_ghost_groups_stride": (lambda: nn.Conv2d(8, 16, 3, stride=2, groups=2), (BATCH, 8, 5, 5), True),
+    "2d_ghost_dilation_padding": (
+        lambda: nn.Conv2d(8, 16, (2, 3), stride=(1, 2), dilation=(2, 1), padding=1), (BATCH, 8, 3, 5), True,
+    ),
+    "1d_ghost_dilation_replicate": (
+        lambda: nn.Conv1d(16, 16, 3, dilation=2, padding=2, padding_mode="replicate"), (BATCH, 16, 4), True,
+    ),
     "1d_stride_dilation": (lambda: nn.Conv1d(3, 5, 3, stride=2, dilation=2), (BATCH, 3, 11), False),
     "1d_same_circular_groups_no_bias": (
         lambda: nn.Conv1d(4, 4, 2, padding="same", padding_mode="circular", groups=2, bias=False),

@@ -22,7 +22,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from dptrain.grad import FastGradSampler
-from dptrain.grad.layers.linear import LinearRule, ghost_is_cheaper
+from dptrain.grad.layers.linear import SYMMETRIC_BLOCKS_FROM, LinearRule, ghost_is_cheaper, ghost_norms
 
 DTYPE = torch.float64
 REL_TOL = 1e-5
@@ -136,6 +136,7 @@ LINEAR_CASES = {
     # name: (layer factory, input shape, expected path: True ghost, False materialise, None single step)
     "2d": (lambda: nn.Linear(5, 3), (BATCH, 5), None),
     "3d_ghost": (lambda: nn.Linear(16, 16), (BATCH, 3, 16), True),
+    "3d_ghost_long_symmetric_blocks": (lambda: nn.Linear(80, 80), (BATCH, 33, 80), True),
     "3d_materialise": (lambda: nn.Linear(3, 4), (BATCH, 20, 3), False),
     "4d_ghost": (lambda: nn.Linear(12, 10), (BATCH, 2, 2, 12), True),
     "4d_materialise": (lambda: nn.Linear(3, 2), (BATCH, 3, 4, 3), False),
@@ -161,6 +162,15 @@ def test_linear_rules_match_brute_force(case, loss_reduction):
     else:  # the case really exercises the path it is named after
         assert ghost_is_cheaper(steps, d_in, d_out) == ghost
     check_against_brute_force(layer, (torch.randn(shape),), loss_reduction=loss_reduction)
+
+
+@pytest.mark.parametrize("steps", [SYMMETRIC_BLOCKS_FROM - 1, SYMMETRIC_BLOCKS_FROM, SYMMETRIC_BLOCKS_FROM + 1, 64])
+def test_ghost_norms_in_symmetric_blocks_equal_the_full_gram_sum(steps):
+    generator = torch.Generator().manual_seed(steps)
+    a = torch.randn(3, 2, steps, 5, generator=generator, dtype=DTYPE)
+    g = torch.randn(3, 2, steps, 7, generator=generator, dtype=DTYPE)
+    full = torch.einsum("...td,...sd,...tp,...sp->...", a, a, g, g)
+    assert_rel_close(ghost_norms(a, g), full, "ghost norms")
 
 
 def test_ghost_path_does_not_materialise_per_example_gradients(monkeypatch):

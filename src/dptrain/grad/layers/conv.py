@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dptrain.grad.layers import LayerCall, LayerRule, register_rule, trainable
-from dptrain.grad.layers.linear import ghost_is_cheaper
+from dptrain.grad.layers.linear import ghost_is_cheaper, ghost_norms
 
 
 def _padded_input(call: LayerCall) -> tuple[torch.Tensor, list[int]]:
@@ -109,9 +109,7 @@ class ConvRule(LayerRule):
             d_in, d_out = m.weight[0].numel(), m.out_channels // m.groups
             if ghost_is_cheaper(positions, d_in, d_out):
                 patches, g = _patches_and_grads(call)
-                patch_gram = torch.matmul(patches, patches.transpose(-1, -2))
-                grad_gram = torch.einsum("bgpl,bgpm->bglm", g, g)
-                out["weight"] = (patch_gram * grad_gram).sum((1, 2, 3))
+                out["weight"] = ghost_norms(patches, g.transpose(-1, -2)).sum(1)
             else:
                 x, padding = _padded_input(call)
                 grads = _weight_grad(call, x, padding, call.output_grad, per_example=True).flatten(1)

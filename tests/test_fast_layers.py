@@ -22,6 +22,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from dptrain.grad import FastGradSampler
+from dptrain.grad.layers.embedding import EmbeddingRule
 from dptrain.grad.layers.linear import SYMMETRIC_BLOCKS_FROM, LinearRule, ghost_is_cheaper, ghost_norms
 
 DTYPE = torch.float64
@@ -344,12 +345,55 @@ def test_linear_applied_twice_matches_brute_force(shape, loss_reduction):
 
 
 @pytest.mark.parametrize("loss_reduction", ["sum", "mean"])
-def test_tied_embedding_and_head_match_brute_force(loss_reduction):
+@pytest.mark.parametrize("padding_idx", [None, 2])
+def test_tied_embedding_and_head_match_brute_force_without_materialising(padding_idx, loss_reduction, monkeypatch):
+    """The tied parameter's norm is the two layers' own terms plus their cross term: nothing per example."""
     torch.manual_seed(9)
     model = TiedLM()
+    model.embed.padding_idx = padding_idx
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("per-example gradients were materialised")
+
+    for rule in (LinearRule, EmbeddingRule):
+        monkeypatch.setattr(rule, "per_example", forbidden)
     grads = check_against_brute_force(model, (torch.randint(0, 11, (BATCH, 5)),), loss_reduction=loss_reduction)
-    # Only the tied parameter is materialised per example; the untied Linear keeps its cheap path.
-    assert set(grads.shared) == {model.embed.weight}
+    assert set(grads.factored) == {model.embed.weight} and grads.shared == {}
+
+
+class TwoInputsOneTable(nn.Module):
+    """One embedding table looked up for two id sequences (a question and an answer), plus a shared Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(6, 5)
+        self.mix = nn.Linear(5, 5)
+
+    def forward(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        return self.mix(self.embed(first)).sum(1) * torch.tanh(self.mix(self.embed(second))).sum(1)
+
+
+def test_embedding_and_linear_used_for_two_inputs_match_brute_force():
+    torch.manual_seed(19)
+    model = TwoInputsOneTable()
+    grads = check_against_brute_force(model, (torch.randint(0, 6, (BATCH, 4)), torch.randint(0, 6, (BATCH, 3))))
+    assert set(grads.factored) == {model.embed.weight, model.mix.weight, model.mix.bias}
+
+
+class ConvTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 3, 2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.tanh(self.conv(x)))
+
+
+def test_layer_without_a_factored_form_applied_twice_is_materialised_exactly():
+    torch.manual_seed(20)
+    model = ConvTwice()
+    grads = check_against_brute_force(model, (torch.randn(BATCH, 3, 4),))
+    assert set(grads.shared) == {model.conv.weight, model.conv.bias}
 
 
 class TiedHeadModule(nn.Module):

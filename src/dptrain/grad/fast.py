@@ -7,8 +7,9 @@ kept tensors with the per-example clip factors (Bu et al., ICML 2023): no second
 
 nn.MultiheadAttention runs as its pieces (``layers/attention.py``) so that its projections are linear calls with
 their own hooks. Layers without a rule that own parameters fall back to torch.func per-example gradients for that
-layer only (nn.LSTM/GRU, custom layers, attention configurations the decomposition does not cover). A parameter used by several layer calls (tied embeddings, a
-layer applied twice) has its per-example gradients materialised and summed over the calls, which is exact.
+layer only (nn.LSTM/GRU, custom layers, attention configurations the decomposition does not cover). A parameter
+used by several layer calls (tied embeddings, a layer applied twice) gets cross terms between the calls' factored
+gradients (``LayerRule.factors``), or, for layers without a factored form, per-example gradients summed over calls.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dptrain.grad.base import GradSampler, MaterializedGradients, PerExampleGradients, ReplayGuard
-from dptrain.grad.layers import LayerCall, LayerRule, rule_for
+from dptrain.grad.layers import LayerCall, LayerRule, cross_term, rule_for
 from dptrain.grad.layers.attention import attention_forward, can_decompose
 from dptrain.grad.vmap import VmapGradSampler
 
@@ -66,7 +67,8 @@ class _OutputGradientTap(torch.autograd.Function):
 
 
 class _FastGradients(PerExampleGradients):
-    """Per-example norms and weighted sums over layer calls, materialising only parameters used more than once."""
+    """Per-example norms and weighted sums over layer calls; a parameter used by several calls gets cross terms
+    between the calls' factored gradients, or (layers without a factored form) materialised per-example gradients."""
 
     def __init__(
         self,
@@ -87,14 +89,23 @@ class _FastGradients(PerExampleGradients):
             {name: p for name, p in call.module.named_parameters(recurse=False) if p in params} for _, call in calls
         ]
         uses = Counter(p for owned in self.owned for p in owned.values())
-        if fallback is not None:
-            uses.update(list(fallback.per_param))
+        fallback_params = set(fallback.per_param) if fallback is not None else set()
+        uses.update(list(fallback_params))
+        # A parameter used by several rule calls that all have a factored form (tied embedding and output head, a
+        # Linear applied twice): its norm is the sum of each call's own term plus cross terms, nothing materialised.
+        factored: dict[nn.Parameter, list] = {}
+        for (rule, call), owned in zip(calls, self.owned):
+            for name, p in owned.items():
+                if uses[p] > 1 and p not in fallback_params:
+                    factored.setdefault(p, []).append(rule.factors(call, name))
+        self.factored = {p: fs for p, fs in factored.items() if all(f is not None for f in fs)}
+        # Any other parameter used more than once has its per-example gradients materialised and summed (exact).
         self.shared: dict[nn.Parameter, torch.Tensor] = {}
         for (rule, call), owned in zip(calls, self.owned):
-            if any(uses[p] > 1 for p in owned.values()):
+            if any(uses[p] > 1 and p not in self.factored for p in owned.values()):
                 for name, g in rule.per_example(call).items():
                     p = owned.get(name)
-                    if p is not None and uses[p] > 1:
+                    if p is not None and uses[p] > 1 and p not in self.factored:
                         g = g * scale
                         self.shared[p] = self.shared[p] + g if p in self.shared else g
         if fallback is not None:
@@ -112,6 +123,9 @@ class _FastGradients(PerExampleGradients):
             for name, sq in rule.squared_norms(call).items()
             if (p := owned.get(name)) is not None and p not in self.shared
         ]
+        for factors in self.factored.values():
+            for k, first in enumerate(factors):
+                rule_terms += [2 * cross_term(first, second) for second in factors[k + 1 :]]
         other_terms = [g.flatten(1).pow(2).sum(1) for g in self.shared.values()]
         if self.fallback is not None:
             other_terms.append(self.fallback.squared_norms())
@@ -138,7 +152,7 @@ class _FastGradients(PerExampleGradients):
             for name, g in rule.weighted_sum(call, scaled[device]).items():
                 p = owned.get(name)
                 if p is not None and p not in self.shared:
-                    out[p] = g
+                    out[p] = out[p] + g if p in out else g
         for p, g in self.shared.items():
             out[p] = torch.einsum("b,b...->...", weights.to(g.device, g.dtype), g)
         if self.fallback is not None:
@@ -151,7 +165,7 @@ class _FastGradients(PerExampleGradients):
             for name, g in rule.per_example(call).items():
                 p = owned.get(name)
                 if p is not None and p not in self.shared:
-                    out[p] = g * self.scale
+                    out[p] = out[p] + g * self.scale if p in out else g * self.scale
         if self.fallback is not None:
             out.update(self.fallback.per_param)
         return out

@@ -43,6 +43,13 @@ class LayerRule(ABC):
             call.materialised = self.per_example(call)
         return call.materialised
 
+    def factors(self, call: LayerCall, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Parameter ``name``'s per-example gradient as a sum of outer products, G_i = sum_t u_it v_it^T over the
+        parameter's (rows, columns): (u, v) of shapes (B, T, rows) and (B, T, columns), where u may instead be
+        token ids (B, T) standing for one-hot rows. None when the layer has no such form. Used for parameters
+        shared by several calls (tied embeddings): the cross terms <G_k, G_l> then need no per-example gradient."""
+        return None
+
     def squared_norms(self, call: LayerCall) -> dict[str, torch.Tensor]:
         """Per-example squared gradient norm of each parameter, name -> (batch,). Override when cheaper."""
         return {name: g.flatten(1).pow(2).sum(1) for name, g in self.materialised(call).items()}
@@ -50,6 +57,26 @@ class LayerRule(ABC):
     def weighted_sum(self, call: LayerCall, weights: torch.Tensor) -> dict[str, torch.Tensor]:
         """sum_i weights[i] * g_i for each parameter, name -> param.shape. Override when cheaper."""
         return {name: torch.einsum("b,b...->...", weights.to(g.dtype), g) for name, g in self.materialised(call).items()}
+
+
+def _pair_products(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, T1, T2) products x_t . y_s of two factors; integer factors are token ids (one-hot rows)."""
+    x_ids, y_ids = not x.is_floating_point(), not y.is_floating_point()
+    if x_ids and y_ids:
+        return (x[:, :, None] == y[:, None, :]).to(dtype)
+    if x_ids:  # one-hot(id_t) . y_s = y_s[id_t]
+        return torch.gather(y, 2, x[:, None, :].expand(-1, y.shape[1], -1)).transpose(1, 2)
+    if y_ids:
+        return _pair_products(y, x, dtype).transpose(1, 2)
+    return torch.matmul(x, y.transpose(1, 2))
+
+
+def cross_term(first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """<G_i, H_i> per example for two factored gradients of one parameter: sum_{t,s} (u_t . u'_s)(v_t . v'_s)."""
+    dtype = next(t.dtype for t in (*first, *second) if t.is_floating_point())
+    rows = _pair_products(first[0], second[0], dtype)
+    columns = _pair_products(first[1], second[1], dtype)
+    return (rows * columns).sum((1, 2))
 
 
 RULES: dict[type[nn.Module], LayerRule] = {}

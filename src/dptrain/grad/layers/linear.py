@@ -72,6 +72,14 @@ class LinearRule(LayerRule):
             out[self.bias] = g.sum(1)
         return out
 
+    def factors(self, call: LayerCall, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        a, g = _as_sequence(call)
+        if name == self.weight:
+            return (a, g) if self.transposed else (g, a)
+        if name == self.bias:
+            return g, g.new_ones(*g.shape[:2], 1)
+        return None
+
     def squared_norms(self, call: LayerCall) -> dict[str, torch.Tensor]:
         a, g = _as_sequence(call)
         out = {}
@@ -124,6 +132,15 @@ class RowBlockLinearRule(LinearRule):
 
     def per_example(self, call: LayerCall) -> dict[str, torch.Tensor]:
         return {n: self._padded(call, n, g, (call.batch_size,)) for n, g in super().per_example(call).items()}
+
+    def factors(self, call: LayerCall, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        block = super().factors(call, name)
+        if block is None:
+            return None
+        rows, columns = block
+        full = rows.new_zeros(*rows.shape[:-1], getattr(call.module, name).shape[0])
+        full[..., self.rows] = rows
+        return full, columns
 
     def weighted_sum(self, call: LayerCall, weights: torch.Tensor) -> dict[str, torch.Tensor]:
         return {n: self._padded(call, n, g, ()) for n, g in super().weighted_sum(call, weights).items()}

@@ -194,25 +194,36 @@ class DPOptimizer(Optimizer):
         self._unit_rows, self._unit_sums, self._unit_examples = {}, {}, torch.zeros(0)
 
     def _noisy_average(self) -> None:
+        """Set each ``p.grad`` to (clipped sum + N(0, (sigma * C)^2 I)) / expected_batch_size.
+
+        The noise of all parameters of one dtype and device is a single draw (one flat buffer, cut into a view per
+        parameter), so the random source can fill it in parallel. A parameter no example's loss touched (an unused
+        branch) has a zero clipped sum: noise only. With ``distributed`` only rank 0 adds noise, then the totals are
+        summed across ranks, so each logical step carries the noise once.
+        """
         std = self.noise_multiplier * self.max_grad_norm
         add_noise = std > 0 and (not self.distributed or dist.get_rank() == 0)
-        totals = []
-        for p in self.params:
-            # A parameter no example's loss touched (an unused branch) has a zero clipped sum.
-            clipped = self._clipped_sum.get(p) if self._clipped_sum is not None else None
-            if add_noise:  # noise * std + clipped, in place in the fresh noise tensor
-                total = self.random.normal(p.shape, dtype=p.dtype, device=p.device).mul_(std)
-                if clipped is not None:
-                    total.add_(clipped.to(p.dtype))
-            else:
-                total = clipped.to(p.dtype) if clipped is not None else torch.zeros_like(p)
-            totals.append(total)
+        clipped = self._clipped_sum or {}
+        if add_noise:
+            groups: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = {}
+            for p in self.params:
+                groups.setdefault((p.dtype, p.device), []).append(p)
+            totals = {}
+            for (dtype, device), group in groups.items():
+                sizes = [p.numel() for p in group]
+                noise = self.random.normal(torch.Size([sum(sizes)]), dtype=dtype, device=device).mul_(std)
+                for p, view in zip(group, noise.split(sizes)):
+                    totals[p] = view.view(p.shape)  # noise * std + clipped, in place in the fresh noise buffer
+                    if p in clipped:
+                        totals[p].add_(clipped[p].to(dtype))
+        else:
+            totals = {p: clipped[p].to(p.dtype) if p in clipped else torch.zeros_like(p) for p in self.params}
         if self.distributed:
-            flat = torch.cat([t.flatten() for t in totals])
+            flat = torch.cat([totals[p].flatten() for p in self.params])
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            totals = list(flat.split([t.numel() for t in totals]))
-        for p, total in zip(self.params, totals):
-            p.grad = total.div_(self.expected_batch_size).view_as(p)
+            totals = dict(zip(self.params, flat.split([p.numel() for p in self.params])))
+        for p in self.params:
+            p.grad = totals[p].div_(self.expected_batch_size).view_as(p)
         self._clipped_sum = None
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

@@ -12,10 +12,8 @@ s/sqrt(n) and the sample standard deviation has standard error ~ s/sqrt(2n). Wit
 divisor would produce. Seeded tests are deterministic anyway; the secure-mode tests draw from os.urandom, so their
 6-SE bounds are what makes a spurious failure negligible.
 
-Large CPU draws (>= PARALLEL_MIN_NUMEL normals) with more than one torch thread are filled in parallel chunks, each
-by its own generator. The suite runs with one thread (conftest), so the tests of that path set two or more threads
-themselves (the fixture restores the count afterwards). For the correlation of two independent samples of length m
-the standard error is ~1/sqrt(m), so 6/sqrt(m) again.
+The noise of all parameters is one flat draw (fewer calls for models with many small parameters), cut into a view
+per parameter.
 """
 
 from __future__ import annotations
@@ -29,8 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dptrain import PrivacyEngine
-from dptrain import randomness
-from dptrain.randomness import PARALLEL_MIN_NUMEL, RandomSource, parallel_normal, secure_normal, secure_uniform
+from dptrain.randomness import RandomSource, secure_normal, secure_uniform
 
 IN, OUT = 1000, 100
 N_COORDS = IN * OUT + OUT
@@ -251,140 +248,6 @@ def test_random_source_normal_is_seedable() -> None:
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def _count_parallel_draws(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Record the size of every draw that goes through the parallel path."""
-    sizes: list[int] = []
-
-    def spy(n, *args, **kwargs):
-        sizes.append(n)
-        return parallel_normal(n, *args, **kwargs)
-
-    monkeypatch.setattr(randomness, "parallel_normal", spy)
-    return sizes
-
-
-def _contains_run(x: torch.Tensor, run: torch.Tensor) -> bool:
-    """Whether ``run`` occurs in ``x`` as consecutive values (single float32 values recur by chance; runs do not)."""
-    return any(torch.equal(x[i : i + len(run)], run) for i in (x == run[0]).nonzero().flatten().tolist())
-
-
-@pytest.mark.parametrize("threads", [2, 3, 4])
-def test_parallel_normal_is_standard_normal_with_independent_chunks(threads: int, monkeypatch) -> None:
-    import scipy.stats as scipy_stats
-
-    torch.set_num_threads(threads)
-    sizes = _count_parallel_draws(monkeypatch)
-    n = 400_001  # not a multiple of the chunk count
-    x = RandomSource(generator=torch.Generator().manual_seed(11)).normal(torch.Size([n]), torch.float32, "cpu")
-    assert sizes == [n], "a large CPU draw with several threads must take the parallel path"
-    assert x.shape == (n,) and x.dtype == torch.float32 and torch.isfinite(x).all()
-    _check_std(x, 1.0)
-    assert scipy_stats.kstest(x.numpy(), "norm").pvalue > 1e-6
-    chunks = x.tensor_split(threads)
-    for chunk in chunks:  # each chunk is standard normal on its own
-        _check_std(chunk, 1.0)
-    # Each chunk has its own generator: no two are copies or shifted copies of each other, none is correlated.
-    m = min(len(c) for c in chunks)
-    for i in range(threads):
-        for j in range(i + 1, threads):
-            a, b = chunks[i][:m].double(), chunks[j][:m].double()
-            assert not torch.equal(a, b)
-            assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < SE_MULT / math.sqrt(m)
-            assert not _contains_run(chunks[j], chunks[i][:8]) and not _contains_run(chunks[i], chunks[j][:8])
-
-
-def test_parallel_normal_same_seed_identical_different_seed_different(monkeypatch) -> None:
-    torch.set_num_threads(2)
-    sizes = _count_parallel_draws(monkeypatch)
-    shape, n = torch.Size([300, 500]), 150_000
-
-    def draw(seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return RandomSource(generator=torch.Generator().manual_seed(seed)).normal(shape, dtype, "cpu")
-
-    a = draw(5)
-    assert a.shape == shape
-    # Independent of thread scheduling: every repetition gives the same noise.
-    for _ in range(5):
-        assert torch.equal(draw(5), a)
-    assert not torch.equal(draw(6), a)
-    assert torch.equal(draw(5, torch.float64), draw(5, torch.float64))
-    assert draw(5, torch.float64).dtype == torch.float64
-    assert sizes == [n] * 10
-    # Successive draws from one source differ (the source's generator advances).
-    source = RandomSource(generator=torch.Generator().manual_seed(5))
-    assert not torch.equal(source.normal(shape, torch.float32, "cpu"), source.normal(shape, torch.float32, "cpu"))
-
-
-def test_parallel_normal_without_generator_follows_torch_manual_seed(monkeypatch) -> None:
-    torch.set_num_threads(2)
-    sizes = _count_parallel_draws(monkeypatch)
-    source, shape = RandomSource(), torch.Size([PARALLEL_MIN_NUMEL])
-    torch.manual_seed(21)
-    a, a_next = source.normal(shape, torch.float32, "cpu"), source.normal(shape, torch.float32, "cpu")
-    torch.manual_seed(21)
-    b = source.normal(shape, torch.float32, "cpu")
-    torch.manual_seed(22)
-    c = source.normal(shape, torch.float32, "cpu")
-    assert sizes == [PARALLEL_MIN_NUMEL] * 4
-    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, a_next)
-
-
-def test_parallel_noise_depends_only_on_the_main_generator_state() -> None:
-    # A checkpoint holds the main generator only: restoring it reproduces the next parallel draw.
-    torch.set_num_threads(2)
-    source, shape = RandomSource(generator=torch.Generator().manual_seed(4)), torch.Size([200_000])
-    first = source.normal(shape, torch.float32, "cpu")
-    state = copy.deepcopy(source.state_dict())
-    second = source.normal(shape, torch.float32, "cpu")
-    source.load_state_dict(state)
-    assert torch.equal(source.normal(shape, torch.float32, "cpu"), second)
-    assert not torch.equal(first, second)
-
-
-def test_small_draws_and_one_thread_keep_the_plain_draw(monkeypatch) -> None:
-    sizes = _count_parallel_draws(monkeypatch)
-
-    def both(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        noise = RandomSource(generator=torch.Generator().manual_seed(9)).normal(torch.Size([n]), torch.float32, "cpu")
-        return noise, torch.randn(n, generator=torch.Generator().manual_seed(9))
-
-    torch.set_num_threads(2)
-    small, plain = both(PARALLEL_MIN_NUMEL - 1)
-    assert torch.equal(small, plain)
-    torch.set_num_threads(1)
-    large, plain = both(4 * PARALLEL_MIN_NUMEL)
-    assert torch.equal(large, plain)
-    assert sizes == []
-    torch.set_num_threads(2)
-    large, plain = both(4 * PARALLEL_MIN_NUMEL)
-    assert sizes == [4 * PARALLEL_MIN_NUMEL] and not torch.equal(large, plain)
-
-
-def test_chunk_generators_get_their_whole_mt19937_state_from_the_main_generator() -> None:
-    # torch.Generator.manual_seed keeps only the low 32 bits of a seed: 2^32 streams, too few to seed every chunk of
-    # every step without (birthday) repeats. The parallel path therefore writes all 624 state words; this checks the
-    # byte layout it assumes against mt19937's documented seeding recurrence.
-    assert torch.equal(
-        torch.randn(8, generator=torch.Generator().manual_seed(1)),
-        torch.randn(8, generator=torch.Generator().manual_seed(1 + 2**32)),
-    )
-    seed, words = 123, [123]
-    for i in range(1, 624):
-        words.append((1812433253 * (words[-1] ^ (words[-1] >> 30)) + i) & 0xFFFFFFFF)
-    state = torch.Generator().manual_seed(seed).get_state()
-    assert torch.equal(state[randomness._MT_STATE_BYTES].view(torch.int64), torch.tensor(words))
-    # A generator built from given words holds exactly those words, and is the seeded generator when they agree.
-    drawn = torch.randint(0, 1 << 32, (624,), generator=torch.Generator().manual_seed(0))
-    built = randomness._mt_generator(drawn)
-    assert torch.equal(built.get_state()[randomness._MT_STATE_BYTES].view(torch.int64), drawn)
-    assert torch.equal(torch.randn(100, generator=randomness._mt_generator(torch.tensor(words))),
-                       torch.randn(100, generator=torch.Generator().manual_seed(seed)))
-    assert randomness.state_layout_is_known()  # the runtime guard agrees, so the parallel path is in use
-    other = drawn.clone()
-    other[-1] ^= 1  # one bit of the last word: a different stream
-    assert not torch.equal(torch.randn(1000, generator=built), torch.randn(1000, generator=randomness._mt_generator(other)))
-
-
 def _private_linear(noise_multiplier: float, generator: torch.Generator):
     """nn.Linear(IN, OUT) (seed 0) made private over 100 examples, expected batch 25."""
     torch.manual_seed(0)
@@ -399,10 +262,8 @@ def _private_linear(noise_multiplier: float, generator: torch.Generator):
     )
 
 
-def test_noise_std_with_parallel_draw(monkeypatch) -> None:
-    # Linear(1000, 100): 100,100 noise coordinates, above PARALLEL_MIN_NUMEL, drawn as one flat buffer.
-    torch.set_num_threads(2)
-    sizes = _count_parallel_draws(monkeypatch)
+def test_noise_is_one_flat_draw_for_all_parameters() -> None:
+    # Linear(1000, 100): 100,100 noise coordinates (weight and bias) drawn as one flat buffer.
     gen = torch.Generator().manual_seed(1)
     model, opt, loader = _private_linear(SIGMA, gen)
     x, _ = next(iter(loader))
@@ -410,7 +271,6 @@ def test_noise_std_with_parallel_draw(monkeypatch) -> None:
     _zero_loss(model(x)).backward()
     before_noise = gen.get_state()
     opt.step()
-    assert sizes == [N_COORDS], "one draw for all parameters, through the parallel path"
     assert opt.expected_batch_size == pytest.approx(25.0)
     expected = SIGMA * C / 25.0
     _check_std(_flat_grad(model), expected)
@@ -428,7 +288,6 @@ def test_noise_adds_to_the_clipped_sum_per_parameter() -> None:
     # the difference of the two runs from one seed is the noise alone, with the right std. The small sigma makes the
     # clipped sum (std ~ C*sqrt(B/d) per coordinate before / B, about 3x the noise here) dominate: had it been dropped
     # or added twice, the difference would have sqrt(1 + 3^2) ~ 3 times the expected std, hundreds of SE away.
-    torch.set_num_threads(2)
     sigma = 0.005
 
     def grads(noise_multiplier: float) -> torch.Tensor:
@@ -442,14 +301,3 @@ def test_noise_adds_to_the_clipped_sum_per_parameter() -> None:
     clipped, noisy = grads(0.0), grads(sigma)
     assert clipped.std() > 2 * sigma * C / 25.0  # a real gradient, larger than the noise
     _check_std(noisy - clipped, sigma * C / 25.0)
-
-
-def test_secure_mode_noise_unaffected_by_threads(monkeypatch) -> None:
-    torch.set_num_threads(2)
-    sizes = _count_parallel_draws(monkeypatch)
-    loader = DataLoader(_dataset(100), batch_size=30)
-    model, opt = _one_noise_step(PrivacyEngine(secure_mode=True), loader)
-    model2, _ = _one_noise_step(PrivacyEngine(secure_mode=True), loader)
-    assert opt.random.secure and sizes == []  # os.urandom, never the torch generators
-    _check_std(_flat_grad(model), SIGMA * C / 25.0)
-    assert not torch.equal(model.weight.grad, model2.weight.grad)

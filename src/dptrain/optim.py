@@ -197,7 +197,7 @@ class DPOptimizer(Optimizer):
         """Set each ``p.grad`` to (clipped sum + N(0, (sigma * C)^2 I)) / expected_batch_size.
 
         The noise of all parameters of one dtype and device is a single draw (one flat buffer, cut into a view per
-        parameter), so the random source can fill it in parallel. A parameter no example's loss touched (an unused
+        parameter): one call instead of one per parameter. A parameter no example's loss touched (an unused
         branch) has a zero clipped sum: noise only. With ``distributed`` only rank 0 adds noise, then the totals are
         summed across ranks, so each logical step carries the noise once.
         """

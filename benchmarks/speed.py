@@ -8,7 +8,7 @@ A step is ``zero_grad + forward + loss + backward + optimizer.step()``; for DP e
 (no Poisson sampling: dptrain gets ``poisson_sampling=False``), so the timings compare engines, not batch sizes.
 Reported: the median step time over ``--steps`` steps after ``--warmup`` warm-up steps; its ratio to the non-private
 step of the same model, measured paired (the two alternate step by step in one process, so that both see the same
-machine load); and the peak memory growth of the steps (see benchmarks/README.md for the method).
+machine load); and the peak memory growth of a steady-state step (see benchmarks/README.md for the method).
 
 Usage:
     python benchmarks/speed.py                       # all models, CPU
@@ -21,6 +21,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import statistics
@@ -32,6 +33,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 MODELS = ("mlp", "cnn", "lm", "gpt2")
 ENGINES = (
@@ -135,15 +137,30 @@ class TransformerLM(nn.Module):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+class _HeapPeak(TorchDispatchMode):
+    """Samples the C heap's bytes in use (glibc mallinfo2: small chunks plus mmapped blocks, where torch's CPU
+    allocator gets its memory) after every torch op, forward and backward, and keeps the maximum."""
 
+    class _MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
+        )]  # fmt: skip
 
-def _max_rss_bytes() -> int:
-    import resource
+    @classmethod
+    def in_use(cls) -> int:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+        mallinfo2.restype = cls._MallInfo2
+        info = mallinfo2()
+        return info.uordblks + info.hblkhd
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    def __enter__(self):
+        self.baseline = self.peak = self.in_use()
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, self.in_use())
+        return out
 
 
 def make_step(engine: str, model, x, y, loss_fn):
@@ -229,17 +246,21 @@ def run_one(model_name: str, engine: str, device: str, steps: int, warmup: int, 
     step = make_step(engine, *build(model_name, device))[0]
     reference = make_step("non-private", *build(model_name, device))[0] if engine != "non-private" else None
     sync()
-    # Memory: the engine's own warm-up steps, from a baseline taken after everything is built.
-    base_rss = _rss_bytes()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        base_cuda = torch.cuda.memory_allocated()
+    # Memory: the peak growth of one steady-state step (after the engine's warm-up steps) over the memory in use
+    # before it: on CPU the C heap in use sampled after every torch op, on CUDA torch's peak allocation.
     for _ in range(max(warmup, 1)):
         step()
     sync()
-    peak_mb = (_max_rss_bytes() - base_rss) / 2**20
     if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base_cuda = torch.cuda.memory_allocated()
+        step()
+        sync()
         peak_mb = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20
+    else:
+        with _HeapPeak() as heap:
+            step()
+        peak_mb = (heap.peak - heap.baseline) / 2**20
     if reference is not None:
         for _ in range(max(warmup, 1)):
             reference()
@@ -407,7 +428,7 @@ def main() -> None:
                 res["load_before"] = load
                 results[model_name][engine] = _best_of(results[model_name].get(engine), res)
                 cell = res.get("crash") or (
-                    f"{res['median_s'] * 1e3:.1f} ms, +{res['peak_mb']:.0f} MB"
+                    f"{res['median_s'] * 1e3:.1f} ms, +{res['peak_mb']:.1f} MB"
                     + (f", non-private {res['reference_median_s'] * 1e3:.1f} ms -> {res['ratio']:.2f}x" if "ratio" in res else "")
                 )
                 print(f"  [round {r + 1}] {model_name:5s} {engine:17s} {cell} (load {load:.1f})", flush=True)
@@ -447,13 +468,13 @@ def print_tables(results: dict, models: list[str], engines: list[str]) -> None:
             return f"{res['median_s'] * 1e3:.1f}"
         if kind in ("ratio", "ratio_min"):
             return f"{res[kind]:.2f}x" if kind in res else "1.00x"
-        return f"{res['peak_mb']:.0f}"
+        return f"{res['peak_mb']:.1f}"
 
     titles = (
         ("median step time (ms)", "ms"),
         ("ratio to non-private (paired: medians of alternating steps in the same process)", "ratio"),
         ("ratio to non-private, fastest steps (paired minima: least disturbed by other processes)", "ratio_min"),
-        ("peak memory growth of the steps (MB)", "mb"),
+        ("peak memory growth of a steady-state step (MB)", "mb"),
     )
     for title, kind in titles:
         print(f"{title}\n{header}")
@@ -468,7 +489,10 @@ def print_tables(results: dict, models: list[str], engines: list[str]) -> None:
         for m, e, reason in crashes:
             print(f"  {m} {e}: crash: {reason}")
         print()
-    print("targets (dptrain-auto / non-private <= 1.25x; dptrain-auto faster than every Opacus mode that runs):")
+    print(
+        "targets (dptrain-auto / non-private <= 1.25x; dptrain-auto faster than every Opacus mode that runs; "
+        "peak step memory <= 1.3x non-private):"
+    )
     for model_name in models:
         res = results[model_name]
         auto = res.get("dptrain-auto", {})
@@ -485,6 +509,10 @@ def print_tables(results: dict, models: list[str], engines: list[str]) -> None:
                 f"{label}: {ratio:.2f}x {'PASS' if ratio <= 1.25 else 'FAIL'}, vs Opacus {'PASS' if beaten else 'FAIL'}"
                 + (f" (best Opacus {fastest.split('-')[1]} {opacus[fastest]:.2f}x)" if fastest else " (none ran)")
             )
+        base_mb = res.get("non-private", {}).get("peak_mb")
+        if base_mb:
+            memory = auto["peak_mb"] / base_mb
+            verdicts.append(f"memory: {memory:.2f}x {'PASS' if memory <= 1.3 else 'FAIL'}")
         print(f"  {model_name}: " + "; ".join(verdicts))
 
 

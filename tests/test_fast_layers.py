@@ -244,6 +244,29 @@ def test_conv_rules_match_brute_force(case, loss_reduction):
     check_against_brute_force(conv, (x,), loss_reduction=loss_reduction)
 
 
+@pytest.mark.parametrize(
+    "factory, shape, released",
+    [
+        (lambda: nn.Conv2d(1, 4, 5, stride=2), (BATCH, 1, 12, 12), True),  # 104 per example < 208 kept
+        (lambda: nn.Conv2d(16, 64, 3, padding=1), (BATCH, 16, 7, 7), False),  # 9280 per example > 3920 kept
+        (lambda: nn.Linear(3, 4), (BATCH, 20, 3), True),  # materialise path: 16 < 140
+        (lambda: nn.Linear(16, 16), (BATCH, 3, 16), False),  # ghost path: never materialised
+        (lambda: nn.LayerNorm(6), (BATCH, 5, 6), True),
+    ],
+    ids=["conv_small_gradient", "conv_large_gradient", "linear_materialise", "linear_ghost", "layernorm"],
+)
+def test_per_example_gradients_are_formed_in_the_backward_pass_only_when_no_larger(factory, shape, released):
+    """A call whose norms come from materialised per-example gradients that are no larger than its activation and
+    output gradient has them formed in the backward pass and its tensors dropped; results stay exact."""
+    torch.manual_seed(21)
+    layer = factory()
+    grads = check_against_brute_force(layer, (torch.randn(shape),))
+    [(_, call)] = grads.calls
+    assert call.released == released
+    if released:
+        assert call.activation is None and set(call.materialised) == {n for n, _ in layer.named_parameters()}
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Embedding
 # --------------------------------------------------------------------------------------------------------------------
@@ -352,12 +375,16 @@ def test_tied_embedding_and_head_match_brute_force_without_materialising(padding
     model = TiedLM()
     model.embed.padding_idx = padding_idx
 
-    def forbidden(*args, **kwargs):
-        raise AssertionError("per-example gradients were materialised")
-
     for rule in (LinearRule, EmbeddingRule):
-        monkeypatch.setattr(rule, "per_example", forbidden)
-    grads = check_against_brute_force(model, (torch.randint(0, 11, (BATCH, 5)),), loss_reduction=loss_reduction)
+        original = rule.per_example
+
+        def guarded(self, call, original=original):
+            assert call.module not in (model.embed, model.head), "the tied parameter was materialised"
+            return original(self, call)
+
+        monkeypatch.setattr(rule, "per_example", guarded)
+    # 3 positions: the head (8 -> 11) is on the ghost path, so nothing would materialise it in the backward pass
+    grads = check_against_brute_force(model, (torch.randint(0, 11, (BATCH, 3)),), loss_reduction=loss_reduction)
     assert set(grads.factored) == {model.embed.weight} and grads.shared == {}
 
 
@@ -366,8 +393,8 @@ class TwoInputsOneTable(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.embed = nn.Embedding(6, 5)
-        self.mix = nn.Linear(5, 5)
+        self.embed = nn.Embedding(6, 16)
+        self.mix = nn.Linear(16, 16)  # on the ghost path for 3 and 4 positions: factored, not materialised
 
     def forward(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
         return self.mix(self.embed(first)).sum(1) * torch.tanh(self.mix(self.embed(second))).sum(1)

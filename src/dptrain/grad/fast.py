@@ -22,7 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from dptrain.grad.base import GradSampler, MaterializedGradients, PerExampleGradients, ReplayGuard
-from dptrain.grad.layers import LayerCall, LayerRule, cross_term, rule_for
+from dptrain.grad.layers import (
+    LayerCall,
+    LayerRule,
+    cross_term,
+    materialised_norms,
+    materialised_sums,
+    rule_for,
+)
 from dptrain.grad.layers.attention import attention_forward, can_decompose
 from dptrain.grad.vmap import VmapGradSampler
 
@@ -50,6 +57,20 @@ def _lacks_batch_dimension(activation: torch.Tensor, batch_size: int) -> bool:
 def _needs_fallback(module: nn.Module) -> bool:
     """Rule layers in a configuration their rule does not cover: an Embedding scaling by in-batch frequency."""
     return isinstance(module, nn.Embedding) and (module.scale_grad_by_freq or module.sparse)
+
+
+def _materialise_now(rule: LayerRule, call: LayerCall) -> bool:
+    """Form a call's per-example gradients during the backward pass when its rule materialises them for the norms
+    anyway and they are no larger than the activation and output gradient book-keeping would keep until step():
+    that saves memory, and the clipped sum becomes a weighted sum over examples instead of another matmul."""
+    if call.batch_size == 0 or not rule.materialises(call):
+        return False
+    size = call.batch_size * sum(p.numel() for p in call.module.parameters(recurse=False) if p.requires_grad)
+    return 0 < size <= call.activation.numel() + call.output_grad.numel()
+
+
+def _per_example(rule: LayerRule, call: LayerCall) -> dict[str, torch.Tensor]:
+    return call.materialised if call.materialised is not None else rule.per_example(call)
 
 
 class _OutputGradientTap(torch.autograd.Function):
@@ -97,13 +118,13 @@ class _FastGradients(PerExampleGradients):
         for (rule, call), owned in zip(calls, self.owned):
             for name, p in owned.items():
                 if uses[p] > 1 and p not in fallback_params:
-                    factored.setdefault(p, []).append(rule.factors(call, name))
+                    factored.setdefault(p, []).append(None if call.released else rule.factors(call, name))
         self.factored = {p: fs for p, fs in factored.items() if all(f is not None for f in fs)}
         # Any other parameter used more than once has its per-example gradients materialised and summed (exact).
         self.shared: dict[nn.Parameter, torch.Tensor] = {}
         for (rule, call), owned in zip(calls, self.owned):
             if any(uses[p] > 1 and p not in self.factored for p in owned.values()):
-                for name, g in rule.per_example(call).items():
+                for name, g in _per_example(rule, call).items():
                     p = owned.get(name)
                     if p is not None and uses[p] > 1 and p not in self.factored:
                         g = g * scale
@@ -120,7 +141,7 @@ class _FastGradients(PerExampleGradients):
         rule_terms = [
             sq
             for (rule, call), owned in zip(self.calls, self.owned)
-            for name, sq in rule.squared_norms(call).items()
+            for name, sq in (materialised_norms(call.materialised) if call.released else rule.squared_norms(call)).items()
             if (p := owned.get(name)) is not None and p not in self.shared
         ]
         for factors in self.factored.values():
@@ -146,10 +167,15 @@ class _FastGradients(PerExampleGradients):
         for (rule, call), owned in zip(self.calls, self.owned):
             if all(p in self.shared for p in owned.values()):
                 continue
-            device = call.output_grad.device
+            device = next(iter(call.materialised.values())).device if call.released else call.output_grad.device
             if device not in scaled:
                 scaled[device] = weights.to(device) * self.scale
-            for name, g in rule.weighted_sum(call, scaled[device]).items():
+            sums = (
+                materialised_sums(call.materialised, scaled[device])
+                if call.released
+                else rule.weighted_sum(call, scaled[device])
+            )
+            for name, g in sums.items():
                 p = owned.get(name)
                 if p is not None and p not in self.shared:
                     out[p] = out[p] + g if p in out else g
@@ -162,7 +188,7 @@ class _FastGradients(PerExampleGradients):
     def materialize(self) -> dict[nn.Parameter, torch.Tensor]:
         out: dict[nn.Parameter, torch.Tensor] = dict(self.shared)
         for (rule, call), owned in zip(self.calls, self.owned):
-            for name, g in rule.per_example(call).items():
+            for name, g in _per_example(rule, call).items():
                 p = owned.get(name)
                 if p is not None and p not in self.shared:
                     out[p] = out[p] + g * self.scale if p in out else g * self.scale
@@ -311,7 +337,11 @@ class FastGradSampler(GradSampler):
             g = grad.detach()
             if batch_dim != 0:
                 g = g.movedim(batch_dim, 0)
-            self._calls.append((rule, LayerCall(module, activation, g)))
+            call = LayerCall(module, activation, g)
+            if _materialise_now(rule, call):
+                call.materialised = rule.per_example(call)
+                call.activation = call.output_grad = None  # no longer needed: free them before step()
+            self._calls.append((rule, call))
 
         output.register_hook(on_output_grad)
 
@@ -341,9 +371,8 @@ class FastGradSampler(GradSampler):
 
         def forward(attention: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     *args, **kwargs):
-            if self.guard.active or not torch.is_grad_enabled() or self._batch_size is None:
-                return original(attention, query, key, value, *args, **kwargs)
-            if attention in self._unbatched_layers:
+            skip = self.guard.active or not torch.is_grad_enabled() or self._batch_size is None
+            if skip or attention in self._unbatched_layers:
                 return original(attention, query, key, value, *args, **kwargs)
             batch = query.shape[0 if attention.batch_first else 1] if query.dim() == 3 else None
             if batch != self._batch_size:

@@ -17,17 +17,35 @@ from torch import nn
 
 @dataclass
 class LayerCall:
-    """One forward call of a layer and the output gradient its backward produced."""
+    """One forward call of a layer and the output gradient its backward produced.
+
+    When the per-example gradients are formed during the backward pass (``materialised``), the activation and the
+    output gradient are dropped (None): the per-example gradients are all that is needed afterwards.
+    """
 
     module: nn.Module
-    activation: torch.Tensor
-    output_grad: torch.Tensor
+    activation: torch.Tensor | None
+    output_grad: torch.Tensor | None
     #: Per-example gradients once a rule has materialised them (norms and sums then reuse them).
     materialised: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    batch_size: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.batch_size = self.output_grad.shape[0]
 
     @property
-    def batch_size(self) -> int:
-        return self.output_grad.shape[0]
+    def released(self) -> bool:
+        return self.output_grad is None
+
+
+def materialised_norms(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Squared norms of per-example gradients, name -> (batch,)."""
+    return {name: g.flatten(1).pow(2).sum(1) for name, g in grads.items()}
+
+
+def materialised_sums(grads: dict[str, torch.Tensor], weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    """sum_i weights[i] * g_i of per-example gradients, name -> param.shape."""
+    return {name: torch.einsum("b,b...->...", weights.to(g.dtype), g) for name, g in grads.items()}
 
 
 class LayerRule(ABC):
@@ -43,6 +61,11 @@ class LayerRule(ABC):
             call.materialised = self.per_example(call)
         return call.materialised
 
+    def materialises(self, call: LayerCall) -> bool:
+        """Whether this call's norms come from materialised per-example gradients (rather than a ghost form); the
+        engine may then form them during the backward pass and drop the call's tensors."""
+        return True
+
     def factors(self, call: LayerCall, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Parameter ``name``'s per-example gradient as a sum of outer products, G_i = sum_t u_it v_it^T over the
         parameter's (rows, columns): (u, v) of shapes (B, T, rows) and (B, T, columns), where u may instead be
@@ -52,11 +75,11 @@ class LayerRule(ABC):
 
     def squared_norms(self, call: LayerCall) -> dict[str, torch.Tensor]:
         """Per-example squared gradient norm of each parameter, name -> (batch,). Override when cheaper."""
-        return {name: g.flatten(1).pow(2).sum(1) for name, g in self.materialised(call).items()}
+        return materialised_norms(self.materialised(call))
 
     def weighted_sum(self, call: LayerCall, weights: torch.Tensor) -> dict[str, torch.Tensor]:
         """sum_i weights[i] * g_i for each parameter, name -> param.shape. Override when cheaper."""
-        return {name: torch.einsum("b,b...->...", weights.to(g.dtype), g) for name, g in self.materialised(call).items()}
+        return materialised_sums(self.materialised(call), weights)
 
 
 def _pair_products(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -101,13 +101,19 @@ class ConvRule(LayerRule):
             out["bias"] = _bias_grads(call)
         return out
 
+    def _ghost(self, call: LayerCall) -> bool:
+        m = call.module
+        positions = call.output_grad[0, 0].numel()
+        return ghost_is_cheaper(positions, m.weight[0].numel(), m.out_channels // m.groups)
+
+    def materialises(self, call: LayerCall) -> bool:
+        return trainable(call.module, "weight") and not self._ghost(call)
+
     def squared_norms(self, call: LayerCall) -> dict[str, torch.Tensor]:
         m = call.module
         out = {}
         if trainable(m, "weight"):
-            positions = call.output_grad[0, 0].numel()
-            d_in, d_out = m.weight[0].numel(), m.out_channels // m.groups
-            if ghost_is_cheaper(positions, d_in, d_out):
+            if self._ghost(call):
                 patches, g = _patches_and_grads(call)
                 out["weight"] = ghost_norms(patches, g.transpose(-1, -2)).sum(1)
             else:

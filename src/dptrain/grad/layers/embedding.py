@@ -32,6 +32,9 @@ class EmbeddingRule(LayerRule):
         grads = g.new_zeros(batch * vocab, g.shape[-1]).index_add_(0, flat_index, g.reshape(-1, g.shape[-1]))
         return {"weight": grads.view(batch, vocab, -1)}
 
+    def materialises(self, call: LayerCall) -> bool:
+        return False  # norms from token-id equality; per-example gradients are vocabulary-sized
+
     def factors(self, call: LayerCall, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         return _ids_and_grads(call) if name == "weight" else None
 

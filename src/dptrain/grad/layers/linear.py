@@ -72,6 +72,11 @@ class LinearRule(LayerRule):
             out[self.bias] = g.sum(1)
         return out
 
+    def materialises(self, call: LayerCall) -> bool:
+        a, g = _as_sequence(call)
+        steps = a.shape[1]
+        return trainable(call.module, self.weight) and steps > 1 and not ghost_is_cheaper(steps, a.shape[2], g.shape[2])
+
     def factors(self, call: LayerCall, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         a, g = _as_sequence(call)
         if name == self.weight:
@@ -132,6 +137,9 @@ class RowBlockLinearRule(LinearRule):
 
     def per_example(self, call: LayerCall) -> dict[str, torch.Tensor]:
         return {n: self._padded(call, n, g, (call.batch_size,)) for n, g in super().per_example(call).items()}
+
+    def materialises(self, call: LayerCall) -> bool:
+        return False  # its per-example gradients are full-size (zero outside the block): never kept early
 
     def factors(self, call: LayerCall, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         block = super().factors(call, name)

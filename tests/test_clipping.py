@@ -185,3 +185,39 @@ def test_first_layer_with_inplace_activation_later_steps_match_and_skip_autograd
         p.grad = None
     nn.functional.cross_entropy(fast(inputs), labels).backward()
     assert all(p.grad is None for p in fast.parameters())  # the clipped sum alone will fill .grad
+
+
+def test_an_error_in_a_chunk_discards_its_logical_step():
+    """A logical batch of two chunks whose second chunk raises (a non-finite gradient): nothing of its first chunk
+    may reach the next step's update, which must equal that of an engine that never saw the failed batch."""
+    from dptrain import NonFiniteGradientError
+
+    model, inputs, labels = make_case("mlp", 2 * BATCH)
+    first, second = (inputs[:BATCH], labels[:BATCH]), (inputs[BATCH:], labels[BATCH:])
+
+    def run(batches):
+        trained = copy.deepcopy(model)
+        optimizer = torch.optim.SGD(trained.parameters(), lr=LR)
+        loader = DataLoader(TensorDataset(*first), batch_size=BATCH)
+        with pytest.warns(UserWarning, match="poisson_sampling=False"):
+            trained, optimizer, loader = PrivacyEngine().make_private(
+                module=trained, optimizer=optimizer, data_loader=loader, noise_multiplier=0.0, max_grad_norm=0.05,
+                poisson_sampling=False, max_physical_batch_size=BATCH // 2,
+            )
+        for x, y, poison in batches:
+            loader.dataset.tensors = (x, y)
+            for chunk, (cx, cy) in enumerate(loader):
+                optimizer.zero_grad()
+                loss = nn.functional.cross_entropy(trained(cx), cy)
+                (loss * float("nan") if poison and chunk == 1 else loss).backward()
+                try:
+                    optimizer.step()
+                except NonFiniteGradientError:
+                    assert poison
+        return trained, optimizer
+
+    failed_then_good, optimizer = run([(*first, True), (*second, False)])
+    only_good, _ = run([(*second, False)])
+    assert optimizer.steps_taken == 1
+    for a, b in zip(failed_then_good.parameters(), only_good.parameters()):
+        torch.testing.assert_close(a, b)

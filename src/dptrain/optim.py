@@ -47,6 +47,23 @@ def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
     return max_grad_norm / torch.clamp(norms, min=max_grad_norm)
 
 
+class _StepTotal:
+    """The running total of one logical step: one flat buffer per parameter dtype and device (one random draw,
+    one all-reduce, one division each) and a view of it shaped like each parameter."""
+
+    def __init__(self, params: list[nn.Parameter], fill: Callable[[int, torch.dtype, torch.device], torch.Tensor]) -> None:
+        groups: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = {}
+        for p in params:
+            groups.setdefault((p.dtype, p.device), []).append(p)
+        self.buffers: list[torch.Tensor] = []
+        self.views: dict[nn.Parameter, torch.Tensor] = {}
+        for (dtype, device), group in groups.items():
+            sizes = [p.numel() for p in group]
+            flat = fill(sum(sizes), dtype, device)
+            self.buffers.append(flat)
+            self.views.update((p, view.view(p.shape)) for p, view in zip(group, flat.split(sizes)))
+
+
 class DPOptimizer(Optimizer):
     """Wraps ``optimizer`` so that each of its steps uses a clipped, noised, averaged gradient."""
 
@@ -88,7 +105,7 @@ class DPOptimizer(Optimizer):
         #: Steps the privacy budget allows this optimizer (None: no budget); set by the engine.
         self.step_allowance: int | None = None
         self.budget_name = ""
-        self._clipped_sum: dict[nn.Parameter, torch.Tensor] | None = None
+        self._total: _StepTotal | None = None
 
     # Delegation to the wrapped optimizer.
     @property
@@ -141,7 +158,7 @@ class DPOptimizer(Optimizer):
             return
         norms = grads.squared_norms().sqrt()
         self._check_finite(norms, "example")
-        self._add_to_clipped_sum(grads.weighted_sum(clip_factors(norms, self.max_grad_norm)))
+        grads.add_weighted_sum(clip_factors(norms, self.max_grad_norm), into=self._step_total().views)
 
     def _check_finite(self, norms: torch.Tensor, unit: str) -> None:
         if not torch.isfinite(norms).all():
@@ -151,12 +168,27 @@ class DPOptimizer(Optimizer):
                 "batch; clipping would hide it in the noise. Check the inputs and the loss (log of 0, overflow)"
             )
 
-    def _add_to_clipped_sum(self, summed: dict[nn.Parameter, torch.Tensor]) -> None:
-        if self._clipped_sum is None:
-            self._clipped_sum = summed
-        else:
-            for p, g in summed.items():
-                self._clipped_sum[p] = self._clipped_sum[p] + g if p in self._clipped_sum else g
+    def _step_total(self) -> _StepTotal:
+        """The logical step's running total, created at its first chunk as the Gaussian noise N(0, (sigma * C)^2 I)
+        (rank 0 alone under ``distributed``; zeros when sigma * C is 0), to which every chunk's clipped sums are
+        added in place: no separate buffer of sums next to the noise."""
+        if self._total is None:
+            std = self.noise_multiplier * self.max_grad_norm
+            noisy = std > 0 and (not self.distributed or dist.get_rank() == 0)
+
+            def fill(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+                if not noisy:
+                    return torch.zeros(n, dtype=dtype, device=device)
+                return self.random.normal(torch.Size([n]), dtype=dtype, device=device).mul_(std)
+
+            self._total = _StepTotal(self.params, fill)
+        return self._total
+
+    def _abandon_logical_step(self) -> None:
+        """Forget everything accumulated for the current logical step (after an error in one of its chunks), so
+        that no clipped sum of it can leak into a later step's update."""
+        self._total = None
+        self._unit_rows, self._unit_sums, self._unit_examples = {}, {}, torch.zeros(0)
 
     def _accumulate_users(self, per_example: dict[nn.Parameter, torch.Tensor], batch_size: int) -> None:
         """Add each example's gradient to its user's running sum over the logical batch."""
@@ -190,41 +222,26 @@ class DPOptimizer(Optimizer):
         norms = sum(t.flatten(1).pow(2).sum(1) for t in sums.values()).sqrt()
         self._check_finite(norms, "user")
         factors = clip_factors(norms, self.max_grad_norm)
-        self._add_to_clipped_sum({p: torch.einsum("u,u...->...", factors.to(t), t) for p, t in sums.items()})
+        total = self._step_total().views
+        for p, t in sums.items():
+            total[p].add_(torch.einsum("u,u...->...", factors.to(t), t).to(total[p].dtype))
         self._unit_rows, self._unit_sums, self._unit_examples = {}, {}, torch.zeros(0)
 
     def _noisy_average(self) -> None:
         """Set each ``p.grad`` to (clipped sum + N(0, (sigma * C)^2 I)) / expected_batch_size.
 
-        The noise of all parameters of one dtype and device is a single draw (one flat buffer, cut into a view per
-        parameter): one call instead of one per parameter. A parameter no example's loss touched (an unused
-        branch) has a zero clipped sum: noise only. With ``distributed`` only rank 0 adds noise, then the totals are
-        summed across ranks, so each logical step carries the noise once.
+        A parameter no example's loss touched (an unused branch) has a zero clipped sum: noise only. With
+        ``distributed`` the totals (noise from rank 0 only) are summed across ranks, so each logical step carries
+        the noise once.
         """
-        std = self.noise_multiplier * self.max_grad_norm
-        add_noise = std > 0 and (not self.distributed or dist.get_rank() == 0)
-        clipped = self._clipped_sum or {}
-        if add_noise:
-            groups: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = {}
-            for p in self.params:
-                groups.setdefault((p.dtype, p.device), []).append(p)
-            totals = {}
-            for (dtype, device), group in groups.items():
-                sizes = [p.numel() for p in group]
-                noise = self.random.normal(torch.Size([sum(sizes)]), dtype=dtype, device=device).mul_(std)
-                for p, view in zip(group, noise.split(sizes)):
-                    totals[p] = view.view(p.shape)  # noise * std + clipped, in place in the fresh noise buffer
-                    if p in clipped:
-                        totals[p].add_(clipped[p].to(dtype))
-        else:
-            totals = {p: clipped[p].to(p.dtype) if p in clipped else torch.zeros_like(p) for p in self.params}
-        if self.distributed:
-            flat = torch.cat([totals[p].flatten() for p in self.params])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            totals = dict(zip(self.params, flat.split([p.numel() for p in self.params])))
+        total = self._step_total()
+        self._total = None
+        for flat in total.buffers:
+            if self.distributed:
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat.div_(self.expected_batch_size)
         for p in self.params:
-            p.grad = totals[p].div_(self.expected_batch_size).view_as(p)
-        self._clipped_sum = None
+            p.grad = total.views[p]
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Clip this chunk's per-example gradients; at the end of a logical batch, noise, scale and step.
@@ -238,11 +255,15 @@ class DPOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._accumulate_chunk()
-        if not self.signal.is_last_chunk:
-            return None
-        if self.user_reduction is not None:
-            self._clip_users()
+        try:
+            self._accumulate_chunk()
+            if not self.signal.is_last_chunk:
+                return None
+            if self.user_reduction is not None:
+                self._clip_users()
+        except BaseException:
+            self._abandon_logical_step()
+            raise
         self._noisy_average()
         self.original_optimizer.step()
         self.steps_taken += 1

@@ -27,6 +27,12 @@ class PerExampleGradients(ABC):
     def weighted_sum(self, weights: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
         """sum_i weights[i] * g_i for each tracked parameter."""
 
+    def add_weighted_sum(self, weights: torch.Tensor, into: dict[nn.Parameter, torch.Tensor]) -> None:
+        """``into[p] += sum_i weights[i] * g_i`` in place; the record may not be usable afterwards (an engine can
+        free what it kept as it goes)."""
+        for p, g in self.weighted_sum(weights).items():
+            into[p].add_(g.to(into[p].dtype))
+
     @abstractmethod
     def materialize(self) -> dict[nn.Parameter, torch.Tensor]:
         """Every example's gradient, (batch_size, *param.shape) per parameter (for clipping by user)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import types
 from collections import Counter
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -161,29 +162,42 @@ class _FastGradients(PerExampleGradients):
         norms = total(rule_terms) * self.scale**2 if rule_terms else torch.zeros(self.batch_size, device=device, dtype=dtype)
         return norms + total(other_terms) if other_terms else norms
 
-    def weighted_sum(self, weights: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
-        out: dict[nn.Parameter, torch.Tensor] = {}
+    def _sums(self, weights: torch.Tensor, release: bool) -> Iterator[tuple[nn.Parameter, torch.Tensor]]:
+        """(parameter, part of its weighted sum) pairs, call by call; with ``release`` each call's tensors are
+        dropped as soon as its part is formed (the record cannot be used again)."""
         scaled: dict[torch.device, torch.Tensor] = {}  # the weights times the output-gradient scale, per device
         for (rule, call), owned in zip(self.calls, self.owned):
-            if all(p in self.shared for p in owned.values()):
-                continue
-            device = next(iter(call.materialised.values())).device if call.released else call.output_grad.device
-            if device not in scaled:
-                scaled[device] = weights.to(device) * self.scale
-            sums = (
-                materialised_sums(call.materialised, scaled[device])
-                if call.released
-                else rule.weighted_sum(call, scaled[device])
-            )
-            for name, g in sums.items():
-                p = owned.get(name)
-                if p is not None and p not in self.shared:
-                    out[p] = out[p] + g if p in out else g
+            if not all(p in self.shared for p in owned.values()):
+                device = next(iter(call.materialised.values())).device if call.released else call.output_grad.device
+                if device not in scaled:
+                    scaled[device] = weights.to(device) * self.scale
+                sums = (
+                    materialised_sums(call.materialised, scaled[device])
+                    if call.released
+                    else rule.weighted_sum(call, scaled[device])
+                )
+                for name, g in sums.items():
+                    p = owned.get(name)
+                    if p is not None and p not in self.shared:
+                        yield p, g
+            if release:
+                call.activation = call.output_grad = call.materialised = None
         for p, g in self.shared.items():
-            out[p] = torch.einsum("b,b...->...", weights.to(g.device, g.dtype), g)
+            yield p, torch.einsum("b,b...->...", weights.to(g.device, g.dtype), g)
         if self.fallback is not None:
-            out.update(self.fallback.weighted_sum(weights))
+            yield from self.fallback.weighted_sum(weights).items()
+
+    def weighted_sum(self, weights: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+        out: dict[nn.Parameter, torch.Tensor] = {}
+        for p, g in self._sums(weights, release=False):
+            out[p] = out[p] + g if p in out else g
         return out
+
+    def add_weighted_sum(self, weights: torch.Tensor, into: dict[nn.Parameter, torch.Tensor]) -> None:
+        """Add each layer's part to ``into`` as soon as it is formed, dropping that layer's kept tensors: the sums
+        never all exist at once next to the activations and output gradients."""
+        for p, g in self._sums(weights, release=True):
+            into[p].add_(g.to(into[p].dtype))
 
     def materialize(self) -> dict[nn.Parameter, torch.Tensor]:
         out: dict[nn.Parameter, torch.Tensor] = dict(self.shared)

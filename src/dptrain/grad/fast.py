@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import types
 from collections import Counter
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -162,42 +161,41 @@ class _FastGradients(PerExampleGradients):
         norms = total(rule_terms) * self.scale**2 if rule_terms else torch.zeros(self.batch_size, device=device, dtype=dtype)
         return norms + total(other_terms) if other_terms else norms
 
-    def _sums(self, weights: torch.Tensor, release: bool) -> Iterator[tuple[nn.Parameter, torch.Tensor]]:
-        """(parameter, part of its weighted sum) pairs, call by call; with ``release`` each call's tensors are
-        dropped as soon as its part is formed (the record cannot be used again)."""
+    def _accumulate(self, weights: torch.Tensor, into: dict[nn.Parameter, torch.Tensor], release: bool) -> None:
+        """``into[p] += sum_i weights[i] g_i``, call by call; with ``release`` each call's tensors are dropped as
+        soon as its part is added (the record cannot be used again)."""
         scaled: dict[torch.device, torch.Tensor] = {}  # the weights times the output-gradient scale, per device
         for (rule, call), owned in zip(self.calls, self.owned):
-            if not all(p in self.shared for p in owned.values()):
+            targets = {name: into[p] for name, p in owned.items() if p not in self.shared}
+            if targets:
                 device = next(iter(call.materialised.values())).device if call.released else call.output_grad.device
                 if device not in scaled:
                     scaled[device] = weights.to(device) * self.scale
-                sums = (
-                    materialised_sums(call.materialised, scaled[device])
-                    if call.released
-                    else rule.weighted_sum(call, scaled[device])
-                )
-                for name, g in sums.items():
-                    p = owned.get(name)
-                    if p is not None and p not in self.shared:
-                        yield p, g
+                if call.released:
+                    for name, g in materialised_sums(call.materialised, scaled[device]).items():
+                        if name in targets:
+                            targets[name].add_(g.to(targets[name].dtype))
+                else:
+                    rule.add_weighted_sum(call, scaled[device], targets)
             if release:
                 call.activation = call.output_grad = call.materialised = None
         for p, g in self.shared.items():
-            yield p, torch.einsum("b,b...->...", weights.to(g.device, g.dtype), g)
+            into[p].add_(torch.einsum("b,b...->...", weights.to(g.device, g.dtype), g).to(into[p].dtype))
         if self.fallback is not None:
-            yield from self.fallback.weighted_sum(weights).items()
+            self.fallback.add_weighted_sum(weights, into)
 
     def weighted_sum(self, weights: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
-        out: dict[nn.Parameter, torch.Tensor] = {}
-        for p, g in self._sums(weights, release=False):
-            out[p] = out[p] + g if p in out else g
+        params = {p for owned in self.owned for p in owned.values()} | set(self.shared)
+        if self.fallback is not None:
+            params |= set(self.fallback.per_param)
+        out = {p: torch.zeros_like(p) for p in params}
+        self._accumulate(weights, out, release=False)
         return out
 
     def add_weighted_sum(self, weights: torch.Tensor, into: dict[nn.Parameter, torch.Tensor]) -> None:
-        """Add each layer's part to ``into`` as soon as it is formed, dropping that layer's kept tensors: the sums
-        never all exist at once next to the activations and output gradients."""
-        for p, g in self._sums(weights, release=True):
-            into[p].add_(g.to(into[p].dtype))
+        """Add each layer's part to ``into`` as soon as it is formed (in place where the rule can), dropping that
+        layer's kept tensors: the sums never exist next to all the activations and output gradients."""
+        self._accumulate(weights, into, release=True)
 
     def materialize(self) -> dict[nn.Parameter, torch.Tensor]:
         out: dict[nn.Parameter, torch.Tensor] = dict(self.shared)

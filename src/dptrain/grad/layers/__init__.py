@@ -81,6 +81,13 @@ class LayerRule(ABC):
         """sum_i weights[i] * g_i for each parameter, name -> param.shape. Override when cheaper."""
         return materialised_sums(self.materialised(call), weights)
 
+    def add_weighted_sum(self, call: LayerCall, weights: torch.Tensor, into: dict[str, torch.Tensor]) -> None:
+        """``into[name] += sum_i weights[i] * g_i`` for the parameters named in ``into``. Override to accumulate
+        in place without a parameter-sized temporary."""
+        for name, g in self.weighted_sum(call, weights).items():
+            if name in into:
+                into[name].add_(g.to(into[name].dtype))
+
 
 def _pair_products(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(B, T1, T2) products x_t . y_s of two factors; integer factors are token ids (one-hot rows)."""

@@ -101,15 +101,24 @@ class LinearRule(LayerRule):
         return out
 
     def weighted_sum(self, call: LayerCall, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        names = [name for name in (self.weight, self.bias) if trainable(call.module, name)]
+        out = {name: torch.zeros_like(getattr(call.module, name)) for name in names}
+        self.add_weighted_sum(call, weights, out)
+        return out
+
+    def add_weighted_sum(self, call: LayerCall, weights: torch.Tensor, into: dict[str, torch.Tensor]) -> None:
         a, g = _as_sequence(call)
         weighted = g * weights.to(g.dtype)[:, None, None]
-        out = {}
-        if trainable(call.module, self.weight):
+        weight = into.get(self.weight)
+        if weight is not None:
             flat_a, flat_g = a.reshape(-1, a.shape[-1]), weighted.reshape(-1, g.shape[-1])
-            out[self.weight] = flat_a.T @ flat_g if self.transposed else flat_g.T @ flat_a
-        if trainable(call.module, self.bias):
-            out[self.bias] = weighted.sum((0, 1))
-        return out
+            first, second = (flat_a.T, flat_g) if self.transposed else (flat_g.T, flat_a)
+            if weight.dtype == first.dtype:
+                weight.addmm_(first, second)  # straight into the accumulator: no parameter-sized temporary
+            else:
+                weight.add_((first @ second).to(weight.dtype))
+        if self.bias in into:
+            into[self.bias].add_(weighted.sum((0, 1)).to(into[self.bias].dtype))
 
 
 register_rule(nn.Linear)(LinearRule)
@@ -130,13 +139,12 @@ class RowBlockLinearRule(LinearRule):
         super().__init__(weight, bias)
         self.rows = rows
 
-    def _padded(self, call: LayerCall, name: str, block: torch.Tensor, leading: tuple[int, ...]) -> torch.Tensor:
-        full = block.new_zeros((*leading, *getattr(call.module, name).shape))
-        full[(slice(None),) * len(leading) + (self.rows,)] = block
-        return full
-
     def per_example(self, call: LayerCall) -> dict[str, torch.Tensor]:
-        return {n: self._padded(call, n, g, (call.batch_size,)) for n, g in super().per_example(call).items()}
+        out = {}
+        for name, block in super().per_example(call).items():
+            out[name] = block.new_zeros((call.batch_size, *getattr(call.module, name).shape))
+            out[name][:, self.rows] = block
+        return out
 
     def materialises(self, call: LayerCall) -> bool:
         return False  # its per-example gradients are full-size (zero outside the block): never kept early
@@ -150,5 +158,5 @@ class RowBlockLinearRule(LinearRule):
         full[..., self.rows] = rows
         return full, columns
 
-    def weighted_sum(self, call: LayerCall, weights: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {n: self._padded(call, n, g, ()) for n, g in super().weighted_sum(call, weights).items()}
+    def add_weighted_sum(self, call: LayerCall, weights: torch.Tensor, into: dict[str, torch.Tensor]) -> None:
+        super().add_weighted_sum(call, weights, {n: t[self.rows] for n, t in into.items()})  # views of the block

@@ -108,17 +108,23 @@ class LinearRule(LayerRule):
 
     def add_weighted_sum(self, call: LayerCall, weights: torch.Tensor, into: dict[str, torch.Tensor]) -> None:
         a, g = _as_sequence(call)
-        weighted = g * weights.to(g.dtype)[:, None, None]
+        weights = weights.to(g.dtype)
         weight = into.get(self.weight)
         if weight is not None:
-            flat_a, flat_g = a.reshape(-1, a.shape[-1]), weighted.reshape(-1, g.shape[-1])
+            # sum_i w_i g_i^T a_i: scale whichever of a and g has fewer features, then one matmul over all rows.
+            if a.shape[-1] <= g.shape[-1]:
+                a = a * weights[:, None, None]
+            else:
+                g = g * weights[:, None, None]
+            flat_a, flat_g = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
             first, second = (flat_a.T, flat_g) if self.transposed else (flat_g.T, flat_a)
             if weight.dtype == first.dtype:
                 weight.addmm_(first, second)  # straight into the accumulator: no parameter-sized temporary
             else:
                 weight.add_((first @ second).to(weight.dtype))
         if self.bias in into:
-            into[self.bias].add_(weighted.sum((0, 1)).to(into[self.bias].dtype))
+            bias_grads = call.output_grad.reshape(call.batch_size, -1, g.shape[-1]).sum(1)  # (B, p), unweighted
+            into[self.bias].add_((weights @ bias_grads).to(into[self.bias].dtype))
 
 
 register_rule(nn.Linear)(LinearRule)

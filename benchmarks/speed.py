@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-MODELS = ("mlp", "cnn", "lm", "gpt2")
+MODELS = ("mlp", "cnn", "lm", "gpt2", "gpt2-mid")
 ENGINES = (
     "non-private",
     "dptrain-auto",
@@ -86,10 +86,15 @@ def build(model_name: str, device: str):
         def loss_fn(model, x, y):
             return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
 
-    elif model_name == "gpt2":
+    elif model_name in ("gpt2", "gpt2-mid"):
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        if large:  # GPT-2 small (124M)
+        if model_name == "gpt2-mid":  # between tiny and small (any device): per-layer fixed costs stop dominating
+            config = GPT2Config(
+                n_layer=4, n_embd=256, n_head=4, vocab_size=2048, n_positions=64, bos_token_id=0, eos_token_id=0
+            )
+            batch, steps = 16, 64
+        elif large:  # GPT-2 small (124M)
             config = GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
             batch, steps = 64, 128
         else:  # the tiny config of the tests
@@ -431,7 +436,7 @@ def main() -> None:
                     f"{res['median_s'] * 1e3:.1f} ms, +{res['peak_mb']:.1f} MB"
                     + (f", non-private {res['reference_median_s'] * 1e3:.1f} ms -> {res['ratio']:.2f}x" if "ratio" in res else "")
                 )
-                print(f"  [round {r + 1}] {model_name:5s} {engine:17s} {cell} (load {load:.1f})", flush=True)
+                print(f"  [round {r + 1}] {model_name:8s} {engine:17s} {cell} (load {load:.1f})", flush=True)
     print(f"(total {time.time() - started:.0f} s)\n")
     print_tables(results, models, engines)
     if args.json:
@@ -458,7 +463,7 @@ def _best_of(kept: dict | None, new: dict) -> dict:
 
 def print_tables(results: dict, models: list[str], engines: list[str]) -> None:
     width = max(17, *(len(e) for e in engines))
-    header = "model".ljust(7) + "".join(e.rjust(width) for e in engines)
+    header = "model".ljust(9) + "".join(e.rjust(width) for e in engines)
 
     def cell_of(model_name: str, engine: str, kind: str) -> str:
         res = results[model_name].get(engine, {"crash": "not run"})
@@ -479,7 +484,7 @@ def print_tables(results: dict, models: list[str], engines: list[str]) -> None:
     for title, kind in titles:
         print(f"{title}\n{header}")
         for model_name in models:
-            print(model_name.ljust(7) + "".join(cell_of(model_name, e, kind).rjust(width) for e in engines))
+            print(model_name.ljust(9) + "".join(cell_of(model_name, e, kind).rjust(width) for e in engines))
         print()
     crashes = [
         (m, e, results[m][e]["crash"]) for m in models for e in engines if "crash" in results[m].get(e, {})

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import json
 import os
 import statistics
@@ -248,13 +249,16 @@ def run_one(model_name: str, engine: str, device: str, steps: int, warmup: int, 
         if cuda:
             torch.cuda.synchronize()
 
-    step = make_step(engine, *build(model_name, device))[0]
+    step, optimizer, _ = make_step(engine, *build(model_name, device))
     reference = make_step("non-private", *build(model_name, device))[0] if engine != "non-private" else None
     sync()
     # Memory: the peak growth of one steady-state step (after the engine's warm-up steps) over the memory in use
     # before it: on CPU the C heap in use sampled after every torch op, on CUDA torch's peak allocation.
     for _ in range(max(warmup, 1)):
         step()
+    # Every engine starts the measured step from the same state: no gradients (nor Opacus' per-sample ones) held.
+    optimizer.zero_grad(set_to_none=True)
+    gc.collect()
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()

@@ -187,9 +187,11 @@ def test_first_layer_with_inplace_activation_later_steps_match_and_skip_autograd
     assert all(p.grad is None for p in fast.parameters())  # the clipped sum alone will fill .grad
 
 
-def test_an_error_in_a_chunk_discards_its_logical_step():
-    """A logical batch of two chunks whose second chunk raises (a non-finite gradient): nothing of its first chunk
-    may reach the next step's update, which must equal that of an engine that never saw the failed batch."""
+@pytest.mark.parametrize("failure", ["nan_in_second_chunk", "loop_left_after_first_chunk"])
+def test_an_unfinished_logical_step_leaves_nothing_behind(failure):
+    """A logical batch of two chunks that never completes (its second chunk raises a non-finite gradient error, or
+    the training loop leaves the loader after the first chunk): nothing of its first chunk may reach the next
+    step's update, which must equal that of an engine that never saw the unfinished batch."""
     from dptrain import NonFiniteGradientError
 
     model, inputs, labels = make_case("mlp", 2 * BATCH)
@@ -204,20 +206,23 @@ def test_an_error_in_a_chunk_discards_its_logical_step():
                 module=trained, optimizer=optimizer, data_loader=loader, noise_multiplier=0.0, max_grad_norm=0.05,
                 poisson_sampling=False, max_physical_batch_size=BATCH // 2,
             )
-        for x, y, poison in batches:
+        for x, y, unfinished in batches:
             loader.dataset.tensors = (x, y)
             for chunk, (cx, cy) in enumerate(loader):
                 optimizer.zero_grad()
                 loss = nn.functional.cross_entropy(trained(cx), cy)
-                (loss * float("nan") if poison and chunk == 1 else loss).backward()
+                poisoned = unfinished and failure == "nan_in_second_chunk" and chunk == 1
+                (loss * float("nan") if poisoned else loss).backward()
                 try:
                     optimizer.step()
                 except NonFiniteGradientError:
-                    assert poison
+                    assert poisoned
+                if unfinished and failure == "loop_left_after_first_chunk":
+                    break
         return trained, optimizer
 
-    failed_then_good, optimizer = run([(*first, True), (*second, False)])
+    unfinished_then_good, optimizer = run([(*first, True), (*second, False)])
     only_good, _ = run([(*second, False)])
     assert optimizer.steps_taken == 1
-    for a, b in zip(failed_then_good.parameters(), only_good.parameters()):
+    for a, b in zip(unfinished_then_good.parameters(), only_good.parameters()):
         torch.testing.assert_close(a, b)

@@ -51,7 +51,9 @@ class _StepTotal:
     """The running total of one logical step: one flat buffer per parameter dtype and device (one random draw,
     one all-reduce, one division each) and a view of it shaped like each parameter."""
 
-    def __init__(self, params: list[nn.Parameter], fill: Callable[[int, torch.dtype, torch.device], torch.Tensor]) -> None:
+    def __init__(
+        self, params: list[nn.Parameter], fill: Callable[[int, torch.dtype, torch.device], torch.Tensor]
+    ) -> None:
         groups: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = {}
         for p in params:
             groups.setdefault((p.dtype, p.device), []).append(p)
@@ -106,6 +108,7 @@ class DPOptimizer(Optimizer):
         self.step_allowance: int | None = None
         self.budget_name = ""
         self._total: _StepTotal | None = None
+        self._logical_batch: int | None = None  # the data loader's logical batch being accumulated, if any
 
     # Delegation to the wrapped optimizer.
     @property
@@ -185,8 +188,8 @@ class DPOptimizer(Optimizer):
         return self._total
 
     def _abandon_logical_step(self) -> None:
-        """Forget everything accumulated for the current logical step (after an error in one of its chunks), so
-        that no clipped sum of it can leak into a later step's update."""
+        """Forget everything accumulated for the current logical step (after an error in one of its chunks, or when
+        the loader moved on before its last chunk), so that no clipped sum of it leaks into a later step's update."""
         self._total = None
         self._unit_rows, self._unit_sums, self._unit_examples = {}, {}, torch.zeros(0)
 
@@ -255,6 +258,9 @@ class DPOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._logical_batch not in (None, self.signal.logical_batch):
+            self._abandon_logical_step()  # the loader moved on before the last chunk's step: that step never ends
+        self._logical_batch = self.signal.logical_batch
         try:
             self._accumulate_chunk()
             if not self.signal.is_last_chunk:
@@ -265,6 +271,7 @@ class DPOptimizer(Optimizer):
             self._abandon_logical_step()
             raise
         self._noisy_average()
+        self._logical_batch = None
         self.original_optimizer.step()
         self.steps_taken += 1
         if self.on_step is not None:

@@ -127,11 +127,14 @@ class ChunkSignal:
         self.chunk_size: int | None = None
         self.is_last_chunk = True
         self.units: torch.Tensor | None = None  # under user-level privacy: the user of each row of the chunk
+        self.logical_batch = 0  # counts logical batches handed out, so a step can tell its chunks apart
 
-    def begin_chunk(self, size: int, is_last: bool, units: torch.Tensor | None = None) -> None:
+    def begin_chunk(self, size: int, is_last: bool, units: torch.Tensor | None = None, is_first: bool = True) -> None:
         self.chunk_size = size
         self.is_last_chunk = is_last
         self.units = units
+        if is_first:
+            self.logical_batch += 1
 
 
 def batch_length(batch: Any) -> int:
@@ -219,5 +222,5 @@ class DPDataLoader(DataLoader):
                 size = batch_length(chunk)
                 chunk_units = units[start : start + size] if units is not None else None
                 start += size
-                self.signal.begin_chunk(size, is_last=k == len(chunks) - 1, units=chunk_units)
+                self.signal.begin_chunk(size, is_last=k == len(chunks) - 1, units=chunk_units, is_first=k == 0)
                 yield chunk

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import warnings
 
 import torch
@@ -54,8 +53,9 @@ def _train_one_step(module: nn.Module, loader: DataLoader, mode: str) -> list[to
     return [p.detach().clone() for p in inner.parameters()]
 
 
-def _rank_main(rank: int, world_size: int, port: int, out_path: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+def _rank_main(rank: int, world_size: int, rendezvous: str, out_path: str) -> None:
+    # A file rendezvous: no TCP port to find free and race other processes for.
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
     try:
         shard = list(range(rank, EXAMPLES, world_size))  # each rank its own examples, as a DistributedSampler would
         for mode in MODES:
@@ -66,16 +66,10 @@ def _rank_main(rank: int, world_size: int, port: int, out_path: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one_process_with_the_same_noise_seed(tmp_path):
     single = _train_one_step(_model(), DataLoader(_data(), batch_size=EXAMPLES), "auto")
     out = str(tmp_path / "params")
-    mp.spawn(_rank_main, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, str(tmp_path / "rendezvous"), out), nprocs=2, join=True)
     for mode in MODES:
         rank0, rank1 = torch.load(f"{out}.{mode}.0"), torch.load(f"{out}.{mode}.1")
         for a, b, expected in zip(rank0, rank1, single):

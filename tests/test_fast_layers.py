@@ -248,7 +248,7 @@ def test_conv_rules_match_brute_force(case, loss_reduction):
     "factory, shape, released",
     [
         (lambda: nn.Conv2d(1, 4, 5, stride=2), (BATCH, 1, 12, 12), True),  # 104 per example < 208 kept
-        (lambda: nn.Conv2d(16, 64, 3, padding=1), (BATCH, 16, 7, 7), False),  # 9280 per example > 3920 kept
+        (lambda: nn.Conv2d(16, 64, 3, padding=1), (BATCH, 16, 8, 8), False),  # 9280 per example > 5120 kept
         (lambda: nn.Linear(3, 4), (BATCH, 20, 3), True),  # materialise path: 16 < 140
         (lambda: nn.Linear(16, 16), (BATCH, 3, 16), False),  # ghost path: never materialised
         (lambda: nn.LayerNorm(6), (BATCH, 5, 6), True),
@@ -289,6 +289,20 @@ def test_embedding_of_a_batch_whose_ids_happen_to_be_arange():
     """A batch of single ids [0, 1, ..., B-1] (user ids, class ids) is a batch, not shared position ids."""
     torch.manual_seed(4)
     check_against_brute_force(nn.Embedding(10, 3), (torch.arange(BATCH),))
+
+
+@pytest.mark.parametrize("distinct", [True, False])
+def test_embedding_norm_with_and_without_repeated_ids_in_an_example(distinct, monkeypatch):
+    """Ids that never repeat within an example (each example a different permutation) take the sum-of-squares
+    path, one repeat anywhere the token-equality path; both exact."""
+    torch.manual_seed(16)
+    ids = torch.stack([torch.randperm(9)[:6] for _ in range(BATCH)])
+    if not distinct:
+        ids[2, 5] = ids[2, 0]
+    calls = []
+    monkeypatch.setattr(torch, "bmm", lambda *args: calls.append(args) or torch.matmul(*args))
+    check_against_brute_force(nn.Embedding(9, 3), (ids,))
+    assert bool(calls) != distinct  # the (T x T) Gram is formed only when an id repeats
 
 
 def test_embedding_scale_grad_by_freq_is_exact_or_refused():

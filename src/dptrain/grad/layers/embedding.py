@@ -1,6 +1,7 @@
 """nn.Embedding: example i's gradient scatters its output-gradient rows into the rows of its token ids.
 
-||G_i||^2 = sum_{t,s : id_t = id_s} g_t . g_s, from token-id equality in O(T^2 d) without a (vocab x d) tensor.
+||G_i||^2 = sum_{t,s : id_t = id_s} g_t . g_s, from token-id equality in O(T^2 d) without a (vocab x d) tensor;
+when no id repeats within an example (position ids) it is sum_t ||g_t||^2.
 Positions holding ``padding_idx`` get no gradient, as in nn.Embedding's own backward.
 """
 
@@ -42,6 +43,8 @@ class EmbeddingRule(LayerRule):
         if not trainable(call.module, "weight"):
             return {}
         ids, g = _ids_and_grads(call)
+        if bool((ids.sort(dim=1).values.diff(dim=1) != 0).all()):  # no id twice in an example (position ids)
+            return {"weight": g.pow(2).sum((1, 2))}
         same_id = (ids[:, :, None] == ids[:, None, :]).to(g.dtype)
         return {"weight": (same_id * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))}
 

@@ -131,3 +131,39 @@ def test_readme_training_example_stops_within_the_budget(tmp_path, monkeypatch, 
     out = capsys.readouterr().out
     assert "is spent" in out
     assert BudgetLedger(tmp_path / "clinic.db").spent("visits") <= 2.0
+
+
+def test_no_step_after_close_goes_uncharged(tmp_path):
+    """close() settles the reservation to the steps taken; a later step would be charged to nobody, so it is
+    refused."""
+    ledger = BudgetLedger(tmp_path / "privacy.db")
+    ledger.create("patients", epsilon=3.0, delta=DELTA)
+    model, optimizer, loader = _setup()
+    engine = PrivacyEngine(ledger=ledger, budget="patients")
+    model, optimizer, loader = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=4.0, max_grad_norm=1.0
+    )
+    with engine:
+        _train(model, optimizer, loader, epochs=1)
+    taken = optimizer.steps_taken
+    with pytest.raises(BudgetExhausted):
+        _train(model, optimizer, loader, epochs=1)
+    assert optimizer.steps_taken == taken
+    (entry,) = ledger.history("patients")
+    assert entry.status == "spent" and entry.steps == taken
+
+
+def test_lowering_the_noise_multiplier_under_a_budget_is_refused(tmp_path):
+    """The ledger reserved the run at its noise multiplier; a step at a smaller one would cost more than charged."""
+    ledger = BudgetLedger(tmp_path / "privacy.db")
+    ledger.create("patients", epsilon=3.0, delta=DELTA)
+    model, optimizer, loader = _setup()
+    engine = PrivacyEngine(ledger=ledger, budget="patients")
+    model, optimizer, loader = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=4.0, max_grad_norm=1.0
+    )
+    _train(model, optimizer, loader, epochs=1)
+    optimizer.noise_multiplier = 2.0
+    with pytest.raises(ValueError, match="noise_multiplier was changed"):
+        _train(model, optimizer, loader, epochs=1)
+    assert optimizer.steps_taken == len(loader)

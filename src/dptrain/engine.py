@@ -311,6 +311,7 @@ class PrivacyEngine:
             entry_id, allowance = reserved
             dp_optimizer.step_allowance = dp_optimizer.steps_taken + allowance
             dp_optimizer.budget_name = self.budget
+            dp_optimizer.charged_noise_multiplier = noise_multiplier
             reservation = _Reservation(dp_optimizer, entry_id, dp_optimizer.steps_taken)
             self._reservations.append(reservation)
             self._all_reservations.append(reservation)
@@ -342,8 +343,14 @@ class PrivacyEngine:
         steps_per_epoch = len(data_loader)
         if kwargs.get("poisson_sampling", True):
             sample_rate = 1.0 / steps_per_epoch
-        else:
-            sample_rate = (data_loader.batch_size or 1) / dataset_size
+        else:  # the rate the accountant will record: the loader's batch on every rank
+            if data_loader.batch_size is None:
+                raise ValueError(
+                    "poisson_sampling=False needs a data loader with a fixed batch_size (not a custom batch_sampler)"
+                )
+            distributed = isinstance(module, DistributedDataParallel)
+            world_size = dist.get_world_size() if distributed else 1
+            sample_rate = data_loader.batch_size * world_size / dataset_size
         steps = epochs * steps_per_epoch
         noise_multiplier = calibrate_noise(target_epsilon, target_delta, sample_rate, steps, self.accountant.kind)
         return self._make_private(
@@ -389,12 +396,14 @@ class PrivacyEngine:
         return [r.entry_id for r in self._all_reservations if r.entry_id is not None]
 
     def close(self) -> None:
-        """Settle every ledger reservation to the steps actually taken. Idempotent."""
+        """Settle every ledger reservation to the steps actually taken; the optimizers take no further step.
+        Idempotent."""
         while self._reservations:
             reservation = self._reservations.pop()
+            optimizer = reservation.optimizer
             if reservation.entry_id is not None:
-                taken = reservation.optimizer.steps_taken - reservation.first_step
-                self.ledger.settle(reservation.entry_id, taken)
+                self.ledger.settle(reservation.entry_id, optimizer.steps_taken - reservation.first_step)
+            optimizer.step_allowance = optimizer.steps_taken  # a step after close() would go uncharged: refuse it
 
     def __enter__(self) -> "PrivacyEngine":
         return self

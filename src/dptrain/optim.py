@@ -107,6 +107,8 @@ class DPOptimizer(Optimizer):
         #: Steps the privacy budget allows this optimizer (None: no budget); set by the engine.
         self.step_allowance: int | None = None
         self.budget_name = ""
+        #: The noise multiplier the ledger reservation was charged at (None: no budget); set by the engine.
+        self.charged_noise_multiplier: float | None = None
         self._total: _StepTotal | None = None
         self._logical_batch: int | None = None  # the data loader's logical batch being accumulated, if any
 
@@ -254,6 +256,13 @@ class DPOptimizer(Optimizer):
         if self.step_allowance is not None and self.steps_taken >= self.step_allowance:
             self.grad_sampler.discard()
             raise BudgetExhausted(self.budget_name, self.steps_taken)
+        if self.charged_noise_multiplier not in (None, self.noise_multiplier):
+            self.grad_sampler.discard()
+            raise ValueError(
+                f"noise_multiplier was changed from {self.charged_noise_multiplier} to {self.noise_multiplier}, but "
+                f"the ledger reserved budget {self.budget_name!r} at {self.charged_noise_multiplier}: the steps would "
+                "be charged at the wrong cost. Close this engine and start a new one with the new noise multiplier"
+            )
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -20,6 +20,13 @@ def _setup(examples: int = 50, batch_size: int = 10):
     return model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(data, batch_size=batch_size)
 
 
+def _budget_of_three(tmp_path):
+    """A ledger with budget "patients" of epsilon 3, an engine charging it, and a fresh (model, optimizer, loader)."""
+    ledger = BudgetLedger(tmp_path / "privacy.db")
+    ledger.create("patients", epsilon=3.0, delta=DELTA)
+    return ledger, PrivacyEngine(ledger=ledger, budget="patients"), _setup()
+
+
 def _train(model, optimizer, loader, epochs: int) -> None:
     for _ in range(epochs):
         for x, y in loader:
@@ -77,10 +84,7 @@ def test_training_stops_at_the_exact_last_step_that_fits(tmp_path):
 
 
 def test_reservation_is_settled_to_the_steps_actually_taken(tmp_path):
-    ledger = BudgetLedger(tmp_path / "privacy.db")
-    ledger.create("patients", epsilon=3.0, delta=DELTA)
-    model, optimizer, loader = _setup()
-    engine = PrivacyEngine(ledger=ledger, budget="patients")
+    ledger, engine, (model, optimizer, loader) = _budget_of_three(tmp_path)
     model, optimizer, loader = engine.make_private_with_epsilon(
         module=model, optimizer=optimizer, data_loader=loader,
         target_epsilon=2.0, target_delta=DELTA, epochs=10, max_grad_norm=1.0,
@@ -98,10 +102,7 @@ def test_reservation_is_settled_to_the_steps_actually_taken(tmp_path):
 
 
 def test_planned_steps_cannot_be_overrun(tmp_path):
-    ledger = BudgetLedger(tmp_path / "privacy.db")
-    ledger.create("patients", epsilon=3.0, delta=DELTA)
-    model, optimizer, loader = _setup()
-    engine = PrivacyEngine(ledger=ledger, budget="patients")
+    ledger, engine, (model, optimizer, loader) = _budget_of_three(tmp_path)
     model, optimizer, loader = engine.make_private_with_epsilon(
         module=model, optimizer=optimizer, data_loader=loader,
         target_epsilon=1.0, target_delta=DELTA, epochs=2, max_grad_norm=1.0,
@@ -136,10 +137,7 @@ def test_readme_training_example_stops_within_the_budget(tmp_path, monkeypatch, 
 def test_no_step_after_close_goes_uncharged(tmp_path):
     """close() settles the reservation to the steps taken; a later step would be charged to nobody, so it is
     refused."""
-    ledger = BudgetLedger(tmp_path / "privacy.db")
-    ledger.create("patients", epsilon=3.0, delta=DELTA)
-    model, optimizer, loader = _setup()
-    engine = PrivacyEngine(ledger=ledger, budget="patients")
+    ledger, engine, (model, optimizer, loader) = _budget_of_three(tmp_path)
     model, optimizer, loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=4.0, max_grad_norm=1.0
     )
@@ -155,10 +153,7 @@ def test_no_step_after_close_goes_uncharged(tmp_path):
 
 def test_lowering_the_noise_multiplier_under_a_budget_is_refused(tmp_path):
     """The ledger reserved the run at its noise multiplier; a step at a smaller one would cost more than charged."""
-    ledger = BudgetLedger(tmp_path / "privacy.db")
-    ledger.create("patients", epsilon=3.0, delta=DELTA)
-    model, optimizer, loader = _setup()
-    engine = PrivacyEngine(ledger=ledger, budget="patients")
+    ledger, engine, (model, optimizer, loader) = _budget_of_three(tmp_path)
     model, optimizer, loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=4.0, max_grad_norm=1.0
     )

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
-from dptrain.grad.base import GradSampler
+from dptrain.grad.base import GradSampler, MaterializedGradients
 from dptrain.randomness import RandomSource
 from dptrain.sampling import ChunkSignal
 
@@ -100,9 +100,7 @@ class DPOptimizer(Optimizer):
         self.on_step = on_step
         self.distributed = distributed
         self.user_reduction = user_reduction
-        self._unit_rows: dict[int, int] = {}
-        self._unit_sums: dict[nn.Parameter, torch.Tensor] = {}
-        self._unit_examples = torch.zeros(0)  # examples of each user in the logical batch so far
+        self._reset_users()
         self.steps_taken = 0
         #: Steps the privacy budget allows this optimizer (None: no budget); set by the engine.
         self.step_allowance: int | None = None
@@ -193,7 +191,12 @@ class DPOptimizer(Optimizer):
         """Forget everything accumulated for the current logical step (after an error in one of its chunks, or when
         the loader moved on before its last chunk), so that no clipped sum of it leaks into a later step's update."""
         self._total = None
-        self._unit_rows, self._unit_sums, self._unit_examples = {}, {}, torch.zeros(0)
+        self._reset_users()
+
+    def _reset_users(self) -> None:
+        self._unit_rows: dict[int, int] = {}  # user id -> row in the per-user sums of the logical batch
+        self._unit_sums: dict[nn.Parameter, torch.Tensor] = {}
+        self._unit_examples = torch.zeros(0)  # examples of each user in the logical batch so far
 
     def _accumulate_users(self, per_example: dict[nn.Parameter, torch.Tensor], batch_size: int) -> None:
         """Add each example's gradient to its user's running sum over the logical batch."""
@@ -224,13 +227,11 @@ class DPOptimizer(Optimizer):
         sums = self._unit_sums
         if self.user_reduction == "mean":
             sums = {p: t / self._unit_examples.to(t).view(-1, *([1] * (t.dim() - 1))) for p, t in sums.items()}
-        norms = sum(t.flatten(1).pow(2).sum(1) for t in sums.values()).sqrt()
+        users = MaterializedGradients(sums, len(self._unit_rows))
+        norms = users.squared_norms().sqrt()
         self._check_finite(norms, "user")
-        factors = clip_factors(norms, self.max_grad_norm)
-        total = self._step_total().views
-        for p, t in sums.items():
-            total[p].add_(torch.einsum("u,u...->...", factors.to(t), t).to(total[p].dtype))
-        self._unit_rows, self._unit_sums, self._unit_examples = {}, {}, torch.zeros(0)
+        users.add_weighted_sum(clip_factors(norms, self.max_grad_norm), into=self._step_total().views)
+        self._reset_users()
 
     def _noisy_average(self) -> None:
         """Set each ``p.grad`` to (clipped sum + N(0, (sigma * C)^2 I)) / expected_batch_size.

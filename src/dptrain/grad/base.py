@@ -5,9 +5,20 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
+
+
+def per_example_squared_norms(grads: dict[Any, torch.Tensor]) -> dict[Any, torch.Tensor]:
+    """Squared norm of each example's gradient, (batch,) per key, from per-example gradients (batch, ...)."""
+    return {key: g.flatten(1).pow(2).sum(1) for key, g in grads.items()}
+
+
+def per_example_weighted_sums(grads: dict[Any, torch.Tensor], weights: torch.Tensor) -> dict[Any, torch.Tensor]:
+    """sum_i weights[i] * g_i per key, from per-example gradients (batch, ...)."""
+    return {key: torch.einsum("b,b...->...", weights.to(g.device, g.dtype), g) for key, g in grads.items()}
 
 
 class PerExampleGradients(ABC):
@@ -46,16 +57,12 @@ class MaterializedGradients(PerExampleGradients):
         self.batch_size = batch_size
 
     def squared_norms(self) -> torch.Tensor:
-        total = None
-        for g in self.per_param.values():
-            sq = g.flatten(1).pow(2).sum(dim=1)
-            total = sq if total is None else total + sq
-        if total is None:
+        if not self.per_param:
             raise RuntimeError("no parameters to clip")
-        return total
+        return sum(per_example_squared_norms(self.per_param).values())
 
     def weighted_sum(self, weights: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
-        return {p: torch.einsum("b,b...->...", weights.to(g.dtype), g) for p, g in self.per_param.items()}
+        return per_example_weighted_sums(self.per_param, weights)
 
     def materialize(self) -> dict[nn.Parameter, torch.Tensor]:
         return self.per_param

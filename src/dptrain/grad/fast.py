@@ -21,13 +21,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dptrain.grad.base import GradSampler, MaterializedGradients, PerExampleGradients, ReplayGuard
+from dptrain.grad.base import (
+    GradSampler,
+    MaterializedGradients,
+    PerExampleGradients,
+    ReplayGuard,
+    per_example_squared_norms,
+    per_example_weighted_sums,
+)
 from dptrain.grad.layers import (
     LayerCall,
     LayerRule,
     cross_term,
-    materialised_norms,
-    materialised_sums,
     rule_for,
 )
 from dptrain.grad.layers.attention import attention_forward, can_decompose
@@ -141,13 +146,13 @@ class _FastGradients(PerExampleGradients):
         rule_terms = [
             sq
             for (rule, call), owned in zip(self.calls, self.owned)
-            for name, sq in (materialised_norms(call.materialised) if call.released else rule.squared_norms(call)).items()
+            for name, sq in (per_example_squared_norms(call.materialised) if call.released else rule.squared_norms(call)).items()
             if (p := owned.get(name)) is not None and p not in self.shared
         ]
         for factors in self.factored.values():
             for k, first in enumerate(factors):
                 rule_terms += [2 * cross_term(first, second) for second in factors[k + 1 :]]
-        other_terms = [g.flatten(1).pow(2).sum(1) for g in self.shared.values()]
+        other_terms = list(per_example_squared_norms(self.shared).values())
         if self.fallback is not None:
             other_terms.append(self.fallback.squared_norms())
         terms = rule_terms + other_terms
@@ -172,15 +177,15 @@ class _FastGradients(PerExampleGradients):
                 if device not in scaled:
                     scaled[device] = weights.to(device) * self.scale
                 if call.released:
-                    for name, g in materialised_sums(call.materialised, scaled[device]).items():
+                    for name, g in per_example_weighted_sums(call.materialised, scaled[device]).items():
                         if name in targets:
                             targets[name].add_(g.to(targets[name].dtype))
                 else:
                     rule.add_weighted_sum(call, scaled[device], targets)
             if release:
                 call.activation = call.output_grad = call.materialised = None
-        for p, g in self.shared.items():
-            into[p].add_(torch.einsum("b,b...->...", weights.to(g.device, g.dtype), g).to(into[p].dtype))
+        for p, g in per_example_weighted_sums(self.shared, weights).items():
+            into[p].add_(g.to(into[p].dtype))
         if self.fallback is not None:
             self.fallback.add_weighted_sum(weights, into)
 
@@ -253,7 +258,7 @@ class FastGradSampler(GradSampler):
         if rule is not None and not _needs_fallback(module):
             if any(p.requires_grad for p in module.parameters(recurse=False)):
                 self._handles.append(module.register_forward_pre_hook(self._suspend_weight_grads))
-                self._handles.append(module.register_forward_hook(self._fast_hook(rule, path), always_call=True))
+                self._handles.append(module.register_forward_hook(self._fast_hook(rule), always_call=True))
                 self.fast_layers.append(path)
             return
         if isinstance(module, COMPOSITE_LAYERS):
@@ -304,7 +309,7 @@ class FastGradSampler(GradSampler):
             p.requires_grad_(False)
         self._suspended[module] = params
 
-    def _fast_hook(self, rule: LayerRule, path: str):
+    def _fast_hook(self, rule: LayerRule):
         def on_forward(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
             suspended = self._suspended.pop(module, ())
             for p in suspended:  # runs even when forward raised (always_call)

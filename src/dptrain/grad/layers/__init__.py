@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from dptrain.grad.base import per_example_squared_norms, per_example_weighted_sums
+
 
 @dataclass
 class LayerCall:
@@ -36,16 +38,6 @@ class LayerCall:
     @property
     def released(self) -> bool:
         return self.output_grad is None
-
-
-def materialised_norms(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Squared norms of per-example gradients, name -> (batch,)."""
-    return {name: g.flatten(1).pow(2).sum(1) for name, g in grads.items()}
-
-
-def materialised_sums(grads: dict[str, torch.Tensor], weights: torch.Tensor) -> dict[str, torch.Tensor]:
-    """sum_i weights[i] * g_i of per-example gradients, name -> param.shape."""
-    return {name: torch.einsum("b,b...->...", weights.to(g.dtype), g) for name, g in grads.items()}
 
 
 class LayerRule(ABC):
@@ -75,11 +67,11 @@ class LayerRule(ABC):
 
     def squared_norms(self, call: LayerCall) -> dict[str, torch.Tensor]:
         """Per-example squared gradient norm of each parameter, name -> (batch,). Override when cheaper."""
-        return materialised_norms(self.materialised(call))
+        return per_example_squared_norms(self.materialised(call))
 
     def weighted_sum(self, call: LayerCall, weights: torch.Tensor) -> dict[str, torch.Tensor]:
         """sum_i weights[i] * g_i for each parameter, name -> param.shape. Override when cheaper."""
-        return materialised_sums(self.materialised(call), weights)
+        return per_example_weighted_sums(self.materialised(call), weights)
 
     def add_weighted_sum(self, call: LayerCall, weights: torch.Tensor, into: dict[str, torch.Tensor]) -> None:
         """``into[name] += sum_i weights[i] * g_i`` for the parameters named in ``into``. Override to accumulate

@@ -32,14 +32,14 @@ def ghost_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     one off-diagonal block: three quarters of the multiply-adds of the full Grams.
     """
     steps = a.shape[-2]
-    if steps < SYMMETRIC_BLOCKS_FROM:
-        return (torch.matmul(a, a.transpose(-1, -2)) * torch.matmul(g, g.transpose(-1, -2))).sum((-1, -2))
-    half = steps // 2
-    a1, a2, g1, g2 = a[..., :half, :], a[..., half:, :], g[..., :half, :], g[..., half:, :]
 
     def block(x: torch.Tensor, y: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return (torch.matmul(x, y.transpose(-1, -2)) * torch.matmul(u, v.transpose(-1, -2))).sum((-1, -2))
 
+    if steps < SYMMETRIC_BLOCKS_FROM:
+        return block(a, a, g, g)
+    half = steps // 2
+    a1, a2, g1, g2 = a[..., :half, :], a[..., half:, :], g[..., :half, :], g[..., half:, :]
     return block(a1, a1, g1, g1) + block(a2, a2, g2, g2) + 2 * block(a1, a2, g1, g2)
 
 
@@ -103,12 +103,6 @@ class LinearRule(LayerRule):
                 out[self.weight] = self._weight_grads(a, g).flatten(1).pow(2).sum(1)
         if trainable(call.module, self.bias):
             out[self.bias] = g.sum(1).pow(2).sum(1)
-        return out
-
-    def weighted_sum(self, call: LayerCall, weights: torch.Tensor) -> dict[str, torch.Tensor]:
-        names = [name for name in (self.weight, self.bias) if trainable(call.module, name)]
-        out = {name: torch.zeros_like(getattr(call.module, name)) for name in names}
-        self.add_weighted_sum(call, weights, out)
         return out
 
     def add_weighted_sum(self, call: LayerCall, weights: torch.Tensor, into: dict[str, torch.Tensor]) -> None:

@@ -30,6 +30,7 @@ from dptrain.grad.base import (
     per_example_weighted_sums,
 )
 from dptrain.grad.layers import (
+    MATERIALISED,
     LayerCall,
     LayerRule,
     cross_term,
@@ -123,7 +124,7 @@ class _FastGradients(PerExampleGradients):
         for (rule, call), owned in zip(calls, self.owned):
             for name, p in owned.items():
                 if uses[p] > 1 and p not in fallback_params:
-                    factored.setdefault(p, []).append(None if call.released else rule.factors(call, name))
+                    factored.setdefault(p, []).append(rule.factors(call, name))
         self.factored = {p: fs for p, fs in factored.items() if all(f is not None for f in fs)}
         # Any other parameter used more than once has its per-example gradients materialised and summed (exact).
         self.shared: dict[nn.Parameter, torch.Tensor] = {}
@@ -146,7 +147,7 @@ class _FastGradients(PerExampleGradients):
         rule_terms = [
             sq
             for (rule, call), owned in zip(self.calls, self.owned)
-            for name, sq in (per_example_squared_norms(call.materialised) if call.released else rule.squared_norms(call)).items()
+            for name, sq in rule.squared_norms(call).items()
             if (p := owned.get(name)) is not None and p not in self.shared
         ]
         for factors in self.factored.values():
@@ -173,15 +174,9 @@ class _FastGradients(PerExampleGradients):
         for (rule, call), owned in zip(self.calls, self.owned):
             targets = {name: into[p] for name, p in owned.items() if p not in self.shared}
             if targets:
-                device = next(iter(call.materialised.values())).device if call.released else call.output_grad.device
-                if device not in scaled:
-                    scaled[device] = weights.to(device) * self.scale
-                if call.released:
-                    for name, g in per_example_weighted_sums(call.materialised, scaled[device]).items():
-                        if name in targets:
-                            targets[name].add_(g.to(targets[name].dtype))
-                else:
-                    rule.add_weighted_sum(call, scaled[device], targets)
+                if call.device not in scaled:
+                    scaled[call.device] = weights.to(call.device) * self.scale
+                rule.add_weighted_sum(call, scaled[call.device], targets)
             if release:
                 call.activation = call.output_grad = call.materialised = None
         for p, g in per_example_weighted_sums(self.shared, weights).items():
@@ -355,10 +350,12 @@ class FastGradSampler(GradSampler):
             if batch_dim != 0:
                 g = g.movedim(batch_dim, 0)
             call = LayerCall(module, activation, g)
+            call_rule = rule
             if _materialise_now(rule, call):
                 call.materialised = rule.per_example(call)
                 call.activation = call.output_grad = None  # no longer needed: free them before step()
-            self._calls.append((rule, call))
+                call_rule = MATERIALISED
+            self._calls.append((call_rule, call))
 
         output.register_hook(on_output_grad)
 

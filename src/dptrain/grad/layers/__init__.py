@@ -39,6 +39,10 @@ class LayerCall:
     def released(self) -> bool:
         return self.output_grad is None
 
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.materialised.values())).device if self.released else self.output_grad.device
+
 
 class LayerRule(ABC):
     """Exact per-example quantities of one layer type, for the layer's own (direct) parameters."""
@@ -100,6 +104,16 @@ def cross_term(first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Ten
     columns = _pair_products(first[1], second[1], dtype)
     return (rows * columns).sum((1, 2))
 
+
+class _MaterialisedRule(LayerRule):
+    """The rule of a call whose per-example gradients were formed during the backward pass (its activation and
+    output gradient freed): norms and sums come from those, through the base class."""
+
+    def per_example(self, call: LayerCall) -> dict[str, torch.Tensor]:
+        return call.materialised
+
+
+MATERIALISED = _MaterialisedRule()
 
 RULES: dict[type[nn.Module], LayerRule] = {}
 _NAMED_RULES: dict[str, LayerRule] = {}

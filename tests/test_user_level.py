@@ -142,3 +142,30 @@ def test_user_level_bad_input():
         PrivacyEngine().make_private(**kwargs, privacy_unit="user", user_ids=users, user_reduction="max")
     with pytest.raises(ValueError, match="poisson"):
         PrivacyEngine().make_private(**kwargs, privacy_unit="user", user_ids=users, poisson_sampling=False)
+
+
+def test_a_user_level_logical_step_left_unfinished_leaves_no_user_sum_behind():
+    """The loop leaves the loader after the first chunk of a logical batch: the per-user sums of that chunk must not
+    reach the next step, which must equal the step of an engine that never saw the unfinished batch."""
+    users = [7, 7, 7, 7, 7, 7, 3, 3, 9, 1, 1, 1]
+    dataset = _data(users)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+
+    def run(leave_first_pass_early: bool):
+        # A clipping norm no user reaches: a user's sum counted twice would not be normalised away by clipping.
+        _, trained, optimizer, loader = _private(copy.deepcopy(model), dataset, users, clip=100.0, chunk=5)
+        for unfinished in ([True] if leave_first_pass_early else []) + [False]:
+            for x, y in loader:
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(trained(x), y).backward()
+                optimizer.step()
+                if unfinished:
+                    break
+        return trained, optimizer
+
+    unfinished_then_full, optimizer = run(True)
+    only_full, _ = run(False)
+    assert optimizer.steps_taken == 1
+    for a, b in zip(unfinished_then_full.parameters(), only_full.parameters()):
+        torch.testing.assert_close(a, b)

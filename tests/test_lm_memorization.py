@@ -160,10 +160,12 @@ def test_private_validation_perplexity(tokenizer):
     clipped = private_validation_perplexity(model, data, users, 1e-9, loss_bound=1.0)
     assert clipped.mean_loss == pytest.approx(1.0, rel=1e-6)  # an untrained model's losses are all clipped
     seeded = [torch.Generator().manual_seed(k) for k in range(60)]
-    noisy = [private_validation_perplexity(model, data, users, 5.0, 8.0, generator=g).mean_loss for g in seeded]
-    # noise_std is the stated standard deviation of the released mean loss (to first order)
-    std = private_validation_perplexity(model, data, users, 5.0, loss_bound=8.0).noise_std
-    assert np.std(noisy) == pytest.approx(std, rel=0.35)  # 60 draws: the sample std is within ~10 %
+    releases = [private_validation_perplexity(model, data, users, 5.0, 8.0, generator=g) for g in seeded]
+    # noise_std is the stated standard deviation of the released mean loss (to first order). It is computed from the
+    # noisy count (the true one is private), so each release states a slightly different value: compare with their
+    # mean. 60 seeded draws: the sample std is within ~10 %.
+    std = np.mean([r.noise_std for r in releases])
+    assert np.std([r.mean_loss for r in releases]) == pytest.approx(std, rel=0.35)
     with pytest.raises(ValueError, match="noise_multiplier"):
         private_validation_perplexity(model, data, users, 0.0)
 

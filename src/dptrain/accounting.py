@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -300,22 +300,24 @@ def calibrate_noise(
         return compute_epsilon(sample_rate, sigma, steps, target_delta, accountant)
 
     if accountant != "pld":
-        return _bisect_noise(eps, target_epsilon, tolerance, 0.0, 1.0)
+        return smallest_noise_multiplier(eps, target_epsilon, tolerance, 0.0, 1.0)
 
     # PLD at the reporting discretisation costs ~0.5 s per evaluation: search with the coarse (pessimistic, 20x
     # faster) discretisation first, then check, and if needed refine, at the reporting one.
     def coarse_eps(sigma: float) -> float:
         return composed_epsilon([StepRecord(sample_rate, sigma, steps)], target_delta, COARSE_PLD_VALUE_DISCRETIZATION)
 
-    sigma = _bisect_noise(coarse_eps, target_epsilon, tolerance / 2, 0.0, 1.0)
+    sigma = smallest_noise_multiplier(coarse_eps, target_epsilon, tolerance / 2, 0.0, 1.0)
     final = eps(sigma)
     if (1 - tolerance) * target_epsilon <= final <= target_epsilon:
         return sigma
     low, high = (0.0, sigma) if final <= target_epsilon else (sigma, 2 * sigma)
-    return _bisect_noise(eps, target_epsilon, tolerance, low, high)
+    return smallest_noise_multiplier(eps, target_epsilon, tolerance, low, high)
 
 
-def _bisect_noise(eps, target_epsilon: float, tolerance: float, low: float, high: float) -> float:
+def smallest_noise_multiplier(
+    eps: Callable[[float], float], target_epsilon: float, tolerance: float, low: float = 0.0, high: float = 1.0
+) -> float:
     """Smallest sigma in (low, ...) with (1 - tolerance) * target <= eps(sigma) <= target; eps decreases in sigma."""
     while eps(high) > target_epsilon:
         low, high = high, high * 2

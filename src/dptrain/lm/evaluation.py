@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from dptrain.audit.exposure import canary_exposure
 from dptrain.lm.data import trim_padding
 from dptrain.lm.generation import _EvalMode, generate, log_likelihood_fn
-from dptrain.lm.loss import causal_lm_loss, token_log_likelihoods
+from dptrain.lm.loss import token_log_likelihoods
 
 
 def _batches(dataset: Dataset, batch_size: int):
@@ -47,18 +47,6 @@ def validation_perplexity(model: nn.Module, dataset: Dataset, batch_size: int = 
     """exp(total next-token loss / total predicted tokens) over ``dataset``: exact, not private."""
     sums, counts = per_example_token_losses(model, dataset, batch_size)
     return float(math.exp(sums.sum() / max(counts.sum(), 1)))
-
-
-def mean_example_loss(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> float:
-    """The training objective on ``dataset``: mean over examples of each example's mean token loss."""
-    total, n = 0.0, 0
-    with _EvalMode(model):
-        for input_ids, attention_mask in _batches(dataset, batch_size):
-            input_ids, attention_mask = trim_padding(input_ids, attention_mask)
-            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-            total += float(causal_lm_loss(logits, input_ids, attention_mask, reduction="sum"))
-            n += input_ids.shape[0]
-    return total / max(n, 1)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from dptrain.accounting import StepRecord, composed_epsilon
+from dptrain.accounting import StepRecord, composed_epsilon, smallest_noise_multiplier
 from dptrain.budget import LEDGER_PLD_DISCRETIZATION, BudgetLedger
 from dptrain.lm.corpus import public_support_chats, support_chat_corpus, vocabulary_text
 from dptrain.lm.data import lm_dataset
@@ -99,25 +99,16 @@ QUICK = MemorizationConfig(
 
 
 def _eval_noise_multiplier(train_records: list[StepRecord], cap: float, delta: float) -> float:
-    """The smallest Gaussian noise multiplier (to 0.1 %) for one release of sensitivity 1 that, composed with the
+    """The smallest Gaussian noise multiplier (to 0.1 % of the cap) for one release of sensitivity 1 that, composed with the
     recorded fine-tuning, keeps the ledger's total within ``cap``, computed with the ledger's own arithmetic."""
 
-    def fits(sigma: float) -> bool:
-        total = composed_epsilon([*train_records, StepRecord(1.0, sigma, 1)], delta, LEDGER_PLD_DISCRETIZATION)
-        return total <= cap
+    def epsilon(sigma: float) -> float:
+        return composed_epsilon([*train_records, StepRecord(1.0, sigma, 1)], delta, LEDGER_PLD_DISCRETIZATION)
 
-    low, high = 0.0, 1.0
-    while not fits(high):
-        low, high = high, high * 2
-        if high > 1e6:
-            raise ValueError("the fine-tuning run left no budget for the evaluation release")
-    while high - low > 1e-3 * high:
-        mid = (low + high) / 2
-        if fits(mid):
-            high = mid
-        else:
-            low = mid
-    return high
+    try:
+        return smallest_noise_multiplier(epsilon, cap, tolerance=1e-3)
+    except ValueError as err:
+        raise ValueError("the fine-tuning run left no budget for the evaluation release") from err
 
 
 def _ledger_view(ledger: BudgetLedger, name: str) -> dict[str, Any]:

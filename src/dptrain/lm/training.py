@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dptrain.lm.data import trim_padding
 from dptrain.lm.loss import causal_lm_loss
+from dptrain.lm.models import trainable_parameters
 
 
 @dataclass
@@ -98,7 +99,7 @@ def train_causal_lm(
     calibrated to ``privacy.target_epsilon``. Empty Poisson batches skip the forward pass (the engine still adds the
     step's noise). The model is left in train mode with the engine's hooks attached.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = trainable_parameters(model)
     if not params:
         raise ValueError("the model has no trainable parameters")
     optimizer: Any = torch.optim.Adam(params, lr=lr)

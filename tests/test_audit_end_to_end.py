@@ -89,6 +89,10 @@ def test_correct_eps1_run_is_not_flagged(data):
     assert report.membership.auc <= 0.55
     assert report.empirical_epsilon_lower_bound <= 1.0
     assert not report.canary_membership.violates_bound and not report.membership.violates_bound
+    # The run's false-alarm rate is bounded by its significance over all three checks (Bonferroni): each check is
+    # run at a third of it.
+    checks = (report.one_run, report.canary_membership, report.membership)
+    assert report.significance == 0.05 and all(c.significance == pytest.approx(0.05 / 3) for c in checks)
 
 
 def _args(argv):

@@ -33,6 +33,12 @@ PLD_VALUE_DISCRETIZATION = 1e-4
 COARSE_PLD_VALUE_DISCRETIZATION = 1e-3
 
 
+def check_positive(value: float, name: str) -> None:
+    """``value`` is a finite real number > 0 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
 def check_accountant(accountant: str) -> None:
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
@@ -287,8 +293,7 @@ def calibrate_noise(
     The returned sigma satisfies ``(1 - tolerance) * target_epsilon <= eps(sigma) <= target_epsilon``, found by
     bracketing then bisection; epsilon decreases with sigma.
     """
-    if not (isinstance(target_epsilon, numbers.Real) and not isinstance(target_epsilon, bool) and target_epsilon > 0 and math.isfinite(target_epsilon)):
-        raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon!r}")
+    check_positive(target_epsilon, "target_epsilon")
     check_delta(target_delta, "target_delta")
     check_sample_rate(sample_rate)
     check_steps(steps)

@@ -16,8 +16,6 @@ in place, which errs on the safe side.
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
 import os
 import sqlite3
 from collections.abc import Iterator
@@ -31,6 +29,7 @@ from dptrain.accounting import (
     COARSE_PLD_VALUE_DISCRETIZATION,
     StepRecord,
     check_delta,
+    check_positive,
     check_group_size,
     check_noise_multiplier,
     check_sample_rate,
@@ -191,11 +190,6 @@ def _check_name(name: str) -> None:
         raise ValueError(f"budget name must be a non-empty string, got {name!r}")
 
 
-def _check_cap(epsilon: float) -> None:
-    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) or not (0 < epsilon < math.inf):
-        raise ValueError(f"epsilon (the cap) must be a finite number > 0, got {epsilon!r}")
-
-
 class BudgetLedger:
     """Privacy budgets and every release against them, in the SQLite file at ``path``.
 
@@ -303,7 +297,7 @@ class BudgetLedger:
     def create(self, name: str, epsilon: float, delta: float, privacy_unit: str = "example") -> Budget:
         """Create a budget capping everything ever released about ``name`` at (``epsilon``, ``delta``)-DP."""
         _check_name(name)
-        _check_cap(epsilon)
+        check_positive(epsilon, "epsilon (the cap)")
         check_delta(delta)
         if privacy_unit not in PRIVACY_UNITS:
             raise ValueError(f"privacy_unit must be one of {PRIVACY_UNITS}, got {privacy_unit!r}")

@@ -7,7 +7,6 @@ passed, whose ``state_dict`` keys and save/load behaviour are unchanged.
 
 from __future__ import annotations
 
-import math
 import numbers
 import os
 import warnings
@@ -23,7 +22,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from dptrain.accounting import Accountant, calibrate_noise, check_accountant, check_delta, check_noise_multiplier
+from dptrain.accounting import (
+    Accountant,
+    calibrate_noise,
+    check_accountant,
+    check_delta,
+    check_noise_multiplier,
+    check_positive,
+)
 from dptrain.grad import make_grad_sampler
 from dptrain.optim import DPOptimizer
 from dptrain.randomness import RandomSource
@@ -39,11 +45,6 @@ USER_REDUCTIONS = ("sum", "mean")
 
 # Modules that already carry dptrain hooks (weak: the engine must not keep a user's model alive).
 _PRIVATE_MODULES: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
-
-
-def _check_positive(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def _dataset_size(data_loader: DataLoader) -> int:
@@ -236,7 +237,7 @@ class PrivacyEngine:
                 f"budget {self.budget!r} protects each {budget_unit}, but this run's privacy unit is "
                 f"{privacy_unit!r}; charge it to a budget created with privacy_unit={privacy_unit!r}"
             )
-        _check_positive(max_grad_norm, "max_grad_norm")
+        check_positive(max_grad_norm, "max_grad_norm")
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
         if module in _PRIVATE_MODULES or getattr(module, "module", None) in _PRIVATE_MODULES:
@@ -331,12 +332,12 @@ class PrivacyEngine:
         **kwargs: Any,
     ) -> tuple[nn.Module, DPOptimizer, DataLoader]:
         """``make_private`` with the smallest noise multiplier that keeps ``epochs`` epochs within the target."""
-        _check_positive(target_epsilon, "target_epsilon")
+        check_positive(target_epsilon, "target_epsilon")
         check_delta(target_delta, "target_delta")
         if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs <= 0:
             raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
         epochs = int(epochs)
-        _check_positive(max_grad_norm, "max_grad_norm")
+        check_positive(max_grad_norm, "max_grad_norm")
         _refuse_invalid_model(module)  # before calibration, which takes seconds
         dataset_size = _dataset_size(data_loader)
         _warn_weak_delta(target_delta, dataset_size)

@@ -106,6 +106,28 @@ def test_user_sampling_includes_all_of_a_users_examples_at_rate_q():
     assert (included / 3000 - 0.3).abs().max() < 0.042
 
 
+def test_user_sampling_across_ranks_keeps_each_user_on_one_rank_at_rate_q():
+    """Two ranks: every user (all its examples) is sampled by exactly one rank, at rate q; rank 2 of 2 is refused."""
+    users = torch.tensor([0, 0, 0, 1, 2, 2, 3, 4, 4, 4, 4, 5, 6, 7, 7])
+    samplers = [
+        UserPoissonBatchSampler(users, 0.3, 3000, RandomSource(generator=torch.Generator().manual_seed(r)), r, 2)
+        for r in range(2)
+    ]
+    included = torch.zeros(2, 8)
+    for batches in zip(*samplers):
+        for rank, batch in enumerate(batches):
+            batch_users = users[batch].unique()
+            for u in batch_users.tolist():
+                assert (users[batch] == u).sum() == (users == u).sum()
+            included[rank, batch_users] += 1
+    owners = (included > 0).sum(0)
+    assert (owners == 1).all()  # no user on two ranks, none on neither
+    # Binomial(3000, 0.3): std of the frequency 0.0084; 5 std = 0.042.
+    assert (included.sum(0) / 3000 - 0.3).abs().max() < 0.042
+    with pytest.raises(ValueError, match="rank"):
+        UserPoissonBatchSampler(users, 0.3, 10, rank=2, world_size=2)
+
+
 def test_user_level_epsilon_matches_dp_accounting():
     users = [i // 4 for i in range(200)]  # 50 users of 4 examples
     dataset = _data(users)

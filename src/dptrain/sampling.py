@@ -75,27 +75,21 @@ class UserPoissonBatchSampler(Sampler[list[int]]):
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        if not 0 < sample_rate <= 1:
-            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-        if steps <= 0:
-            raise ValueError(f"steps must be > 0, got {steps}")
         users, example_user = torch.unique(user_ids, return_inverse=True)
         self.num_users = len(users)
-        self.sample_rate = sample_rate
-        self.steps = steps
-        self.random = random or RandomSource()
+        # The users are Poisson-sampled exactly as examples are (same checks, same draw), then expanded.
+        self._users = PoissonBatchSampler(self.num_users, sample_rate, steps, random, rank, world_size)
+        self.sample_rate, self.steps, self.random = sample_rate, steps, self._users.random
         order = torch.argsort(example_user, stable=True)
         counts = torch.bincount(example_user, minlength=self.num_users)
         self._examples_of = list(torch.split(order, counts.tolist()))  # example indices of each user
-        self.shard = torch.arange(rank, self.num_users, world_size)
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self) -> Iterator[list[int]]:
-        for _ in range(self.steps):
-            included = self.shard[self.random.uniform(len(self.shard)) < self.sample_rate]
-            yield torch.cat([self._examples_of[u] for u in included.tolist()] or [torch.zeros(0, dtype=torch.long)]).tolist()
+        for included in self._users:
+            yield torch.cat([self._examples_of[u] for u in included] or [torch.zeros(0, dtype=torch.long)]).tolist()
 
 
 class _RecordingBatchSampler(Sampler[list[int]]):

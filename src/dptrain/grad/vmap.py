@@ -154,6 +154,8 @@ class VmapGradSampler(GradSampler):
                 per_name = vmap(one_example, in_dims=(None, input_dims, batch_dim), randomness="different")(
                     trainable, record.inputs, record.output_grads
                 )
+            except torch.OutOfMemoryError:
+                raise  # not a missing batching rule: a per-example loop would only hide it
             except RuntimeError:
                 per_name = example_by_example()
         scale = float(batch_size) if self.loss_reduction == "mean" else 1.0

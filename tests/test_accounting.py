@@ -9,6 +9,7 @@ import dp_accounting
 import pytest
 from dp_accounting import dp_event, pld, rdp
 
+from dptrain import accounting
 from dptrain.accounting import (
     COARSE_PLD_VALUE_DISCRETIZATION,
     PLD_VALUE_DISCRETIZATION,
@@ -70,6 +71,22 @@ def test_calibrate_noise_lands_just_under_target_and_pld_needs_less_noise():
         eps = compute_epsilon(q, sigmas[accountant], steps, delta, accountant=accountant)
         assert 0.99 * target <= eps <= target
     assert sigmas["pld"] < sigmas["rdp"]
+
+
+@pytest.mark.parametrize(
+    ("target", "delta", "q", "steps", "refined"),
+    [(0.3, 1e-5, 0.01, 2000, True), (0.5, 1e-6, 0.002, 5000, True), (8.0, 1e-5, 0.5, 50, False)],
+)
+def test_calibrated_noise_meets_the_target_at_the_reporting_discretisation(target, delta, q, steps, refined, monkeypatch):
+    """The search runs on a coarse PLD grid; when the reporting grid disagrees it refines there. Either way the
+    returned sigma's reported epsilon is within 1 % under the target, never over it."""
+    searches = []
+    search = accounting.smallest_noise_multiplier
+    monkeypatch.setattr(accounting, "smallest_noise_multiplier", lambda *a, **k: searches.append(a) or search(*a, **k))
+    sigma = calibrate_noise(target, delta, q, steps)
+    eps = compute_epsilon(q, sigma, steps, delta)
+    assert 0.99 * target <= eps <= target
+    assert (len(searches) > 1) == refined  # both branches of the calibration are exercised
 
 
 @pytest.mark.parametrize(

@@ -110,6 +110,15 @@ def _sampling_source(secure: bool, generator: torch.Generator | None, rank: int,
     return RandomSource(generator=torch.Generator().manual_seed(seed))
 
 
+def _stop_ddp_synchronisation(module: DistributedDataParallel) -> None:
+    """Turn off DDP's own gradient all-reduce and buffer broadcasts for good: the DP optimizer makes the one
+    reduction of each logical step (clipped sums plus rank 0's noise). Left on, DDP's bucket all-reduces would run
+    once per backward pass, so ranks with different numbers of physical chunks would pair the DP all-reduce with a
+    DDP bucket of raw gradients. DDP has already broadcast rank 0's parameters when it was constructed."""
+    module.require_backward_grad_sync = False
+    module.require_forward_param_sync = False
+
+
 @dataclass
 class _Reservation:
     """A ledger reservation held for one private optimizer, settled by ``PrivacyEngine.close``."""
@@ -246,6 +255,8 @@ class PrivacyEngine:
         distributed = isinstance(module, DistributedDataParallel)
         rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         hooked = module.module if distributed else module
+        if distributed:
+            _stop_ddp_synchronisation(module)
         params = self._private_params(hooked, optimizer)
         dataset_size = _dataset_size(data_loader)
         steps_per_epoch = len(data_loader)

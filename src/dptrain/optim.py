@@ -109,6 +109,10 @@ class DPOptimizer(Optimizer):
         self.charged_noise_multiplier: float | None = None
         self._total: _StepTotal | None = None
         self._logical_batch: int | None = None  # the data loader's logical batch being accumulated, if any
+        #: Called at the end of every logical batch with the step's running total (noise plus clipped sums) as one
+        #: tensor per parameter, before the division by the expected batch size; a hook may add to it in place
+        #: (the white-box auditor inserts its gradient canaries here).
+        self.clipped_sum_hooks: list[Callable[["DPOptimizer", dict[nn.Parameter, torch.Tensor]], None]] = []
 
     # Delegation to the wrapped optimizer.
     @property
@@ -242,6 +246,8 @@ class DPOptimizer(Optimizer):
         """
         total = self._step_total()
         self._total = None
+        for hook in self.clipped_sum_hooks:
+            hook(self, total.views)
         for flat in total.buffers:
             if self.distributed:
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM)

@@ -122,13 +122,19 @@ class ChunkSignal:
         self.is_last_chunk = True
         self.units: torch.Tensor | None = None  # under user-level privacy: the user of each row of the chunk
         self.logical_batch = 0  # counts logical batches handed out, so a step can tell its chunks apart
+        self.chunk_id = 0  # counts chunks handed out (every logical batch has at least one): a forward's batch tag
+        self.chunk_index = 0  # position of the current chunk in its logical batch
 
     def begin_chunk(self, size: int, is_last: bool, units: torch.Tensor | None = None, is_first: bool = True) -> None:
         self.chunk_size = size
         self.is_last_chunk = is_last
         self.units = units
+        self.chunk_id += 1
         if is_first:
             self.logical_batch += 1
+            self.chunk_index = 0
+        else:
+            self.chunk_index += 1
 
 
 def batch_length(batch: Any) -> int:

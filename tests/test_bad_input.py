@@ -154,25 +154,27 @@ def test_strong_delta_does_not_warn() -> None:
 
 
 def test_non_finite_gradient_raises_naming_step() -> None:
-    torch.manual_seed(0)
     model, opt, loader = _parts()
     engine = PrivacyEngine()
-    model, opt, loader = engine.make_private(
-        module=model,
-        optimizer=opt,
-        data_loader=loader,
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        noise_generator=torch.Generator().manual_seed(0),
-    )
-    x = torch.randn(6, 4)
-    y = torch.zeros(6, dtype=torch.long)
+    with pytest.warns(UserWarning, match="poisson_sampling=False"):
+        model, opt, loader = engine.make_private(
+            module=model,
+            optimizer=opt,
+            data_loader=loader,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            poisson_sampling=False,
+            noise_generator=torch.Generator().manual_seed(0),
+        )
+    batches = iter(loader)
     for _ in range(2):
+        x, y = next(batches)
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
     assert opt.steps_taken == 2
     before = [p.detach().clone() for p in model.parameters()]
+    x, y = next(batches)
     bad = x.clone()
     bad[3, 1] = math.nan
     opt.zero_grad()
@@ -180,15 +182,17 @@ def test_non_finite_gradient_raises_naming_step() -> None:
     with pytest.raises(NonFiniteGradientError, match=r"step 3") as info:
         opt.step()
     assert "[3]" in str(info.value)  # names the offending example of the batch
-    # Nothing was released: no parameter moved and the accountant did not count the step.
+    assert "charged as one step" in "".join(getattr(info.value, "__notes__", []))
+    # Nothing was released: no parameter moved. The skipped batch is charged (the skip depends on the data).
     for b, p in zip(before, model.parameters()):
         assert torch.equal(b, p)
-    assert opt.steps_taken == 2 and engine.accountant.steps == 2
+    assert opt.steps_taken == 3 and opt.steps_skipped == 1 and engine.accountant.steps == 3
 
 
 def test_infinite_gradient_raises() -> None:
     model, opt, loader = _make_private()
-    x = torch.randn(4, 4)
+    x, _ = next(iter(loader))
+    x = x.clone()
     x[0, 0] = math.inf
     opt.zero_grad()
     (model(x) ** 2).sum().backward()

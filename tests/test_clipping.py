@@ -223,6 +223,9 @@ def test_an_unfinished_logical_step_leaves_nothing_behind(failure):
 
     unfinished_then_good, optimizer = run([(*first, True), (*second, False)])
     only_good, _ = run([(*second, False)])
-    assert optimizer.steps_taken == 1
+    # A batch skipped after an error in one of its chunks is charged as a step (the skip depends on the data); a
+    # batch the loop left early never ended, releases nothing and is not charged.
+    assert optimizer.steps_taken == (2 if failure == "nan_in_second_chunk" else 1)
+    assert optimizer.steps_skipped == (1 if failure == "nan_in_second_chunk" else 0)
     for a, b in zip(unfinished_then_good.parameters(), only_good.parameters()):
         torch.testing.assert_close(a, b)

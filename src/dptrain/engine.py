@@ -33,7 +33,13 @@ from dptrain.accounting import (
 from dptrain.grad import make_grad_sampler
 from dptrain.optim import DPOptimizer
 from dptrain.randomness import RandomSource
-from dptrain.sampling import ChunkSignal, DPDataLoader, PoissonBatchSampler, UserPoissonBatchSampler
+from dptrain.sampling import (
+    ChunkSignal,
+    DPDataLoader,
+    PoissonBatchSampler,
+    UserPoissonBatchSampler,
+    sample_space,
+)
 from dptrain.validators import ModuleValidator
 
 if TYPE_CHECKING:
@@ -47,7 +53,9 @@ USER_REDUCTIONS = ("sum", "mean")
 _PRIVATE_MODULES: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
-def _dataset_size(data_loader: DataLoader) -> int:
+def _training_set(data_loader: DataLoader) -> tuple[torch.Tensor | None, int]:
+    """The dataset indices the loader trains on (None: all of them) and their number N, for sampling and
+    accounting: a loader's own sampler over a subset (a train split) is honoured, never silently widened."""
     try:
         steps = len(data_loader)
         size = len(data_loader.dataset)
@@ -58,7 +66,27 @@ def _dataset_size(data_loader: DataLoader) -> int:
         ) from err
     if size == 0 or steps == 0:
         raise ValueError("data_loader is empty: there is nothing to train on")
-    return size
+    indices = sample_space(data_loader)
+    return indices, size if indices is None else len(indices)
+
+
+def _dataset_size(data_loader: DataLoader) -> int:
+    return _training_set(data_loader)[1]
+
+
+def _fresh_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator seeded from the OS: never the stream of ``torch.manual_seed`` (which scripts call with the
+    same seed every time, so a resumed or repeated run would repeat its noise and batches)."""
+    return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "big") >> 1)
+
+
+def _seed_if_fresh(generator: torch.Generator | None) -> int | None:
+    """The seed of a user's generator that has not drawn anything since it was seeded (a run starting from that
+    seed, which the ledger checks for reuse), else None."""
+    if generator is None or generator.device.type != "cpu":
+        return None
+    seed = generator.initial_seed()
+    return seed if torch.equal(generator.get_state(), torch.Generator().manual_seed(seed).get_state()) else None
 
 
 def _warn_weak_delta(delta: float, dataset_size: int | None) -> None:
@@ -103,11 +131,15 @@ def _refuse_invalid_model(module: nn.Module) -> None:
 
 
 def _sampling_source(secure: bool, generator: torch.Generator | None, rank: int, world_size: int) -> RandomSource:
-    """Randomness for Poisson sampling: independent across ranks (correlated shards would break the analysis)."""
-    if secure or world_size == 1:
-        return RandomSource(secure=secure, generator=generator)
-    seed = generator.initial_seed() + 1 + rank if generator is not None else int.from_bytes(os.urandom(8), "big") >> 1
-    return RandomSource(generator=torch.Generator().manual_seed(seed))
+    """Randomness for Poisson sampling: independent across ranks (correlated shards would break the analysis); a
+    seeded user generator is shared with the noise in one process, and offset by rank under DDP."""
+    if secure:
+        return RandomSource(secure=True)
+    if generator is None:
+        return RandomSource(generator=_fresh_generator())
+    if world_size == 1:
+        return RandomSource(generator=generator)
+    return RandomSource(generator=torch.Generator().manual_seed(generator.initial_seed() + 1 + rank))
 
 
 def _stop_ddp_synchronisation(module: DistributedDataParallel) -> None:
@@ -117,6 +149,17 @@ def _stop_ddp_synchronisation(module: DistributedDataParallel) -> None:
     DDP bucket of raw gradients. DDP has already broadcast rank 0's parameters when it was constructed."""
     module.require_backward_grad_sync = False
     module.require_forward_param_sync = False
+
+
+@dataclass
+class _Attachment:
+    """A model this engine made private: what ``detach`` undoes and ``state_dict`` saves the random streams of."""
+
+    module: nn.Module  # as passed (DistributedDataParallel or the model)
+    hooked: nn.Module  # the model carrying the hooks
+    optimizer: DPOptimizer
+    sampling: RandomSource | None  # None when the user's loader selects batches (poisson_sampling=False)
+    rank: int
 
 
 @dataclass
@@ -164,6 +207,7 @@ class PrivacyEngine:
         self.secure_mode = secure_mode
         self.dataset_size: int | None = None
         self.optimizers: list[DPOptimizer] = []
+        self._attached: list[_Attachment] = []
         self._pending_optimizer_states: list[dict[str, Any]] = []  # loaded before make_private
 
     def make_private(
@@ -258,12 +302,21 @@ class PrivacyEngine:
         if distributed:
             _stop_ddp_synchronisation(module)
         params = self._private_params(hooked, optimizer)
-        dataset_size = _dataset_size(data_loader)
+        indices, dataset_size = _training_set(data_loader)
         steps_per_epoch = len(data_loader)
         self.dataset_size = dataset_size
 
-        random = RandomSource(secure=self.secure_mode, generator=noise_generator)
+        noise_source = noise_generator
+        if noise_source is None and not self.secure_mode:
+            noise_source = _fresh_generator(params[0].device)
+        random = RandomSource(secure=self.secure_mode, generator=noise_source)
+        sampling: RandomSource | None = None
         signal = ChunkSignal()
+        if users is not None and indices is not None:
+            raise ValueError(
+                'privacy_unit="user" samples users from the whole dataset, but the data loader has a sampler over a '
+                "subset of it: pass a loader (and user_ids) over the examples to train on only"
+            )
         if users is not None:
             # Every user is sampled at rate q = 1/len(data_loader), with all of its examples.
             sample_rate = 1.0 / steps_per_epoch
@@ -276,7 +329,9 @@ class PrivacyEngine:
             sample_rate = 1.0 / steps_per_epoch
             expected_batch_size = sample_rate * dataset_size
             sampling = _sampling_source(self.secure_mode, noise_generator, rank, world_size)
-            batch_sampler = PoissonBatchSampler(dataset_size, sample_rate, steps_per_epoch, sampling, rank, world_size)
+            batch_sampler = PoissonBatchSampler(
+                dataset_size, sample_rate, steps_per_epoch, sampling, rank, world_size, indices=indices
+            )
         else:
             if data_loader.batch_size is None:
                 raise ValueError(
@@ -292,9 +347,13 @@ class PrivacyEngine:
             expected_batch_size = float(data_loader.batch_size * world_size)
             batch_sampler = data_loader.batch_sampler
         private_loader = DPDataLoader(data_loader, batch_sampler, signal, max_physical_batch_size, users)
-        reserved = self._reserve(sample_rate, noise_multiplier, planned_steps, rank, world_size)
+        restored = self._pending_optimizer_states[0] if self._pending_optimizer_states else None
+        seed = None if restored is not None else _seed_if_fresh(noise_generator)
+        sampling_scheme = "poisson" if sampling is not None else "shuffled"
+        reserved = self._reserve(sample_rate, noise_multiplier, planned_steps, rank, world_size, sampling_scheme, seed)
 
         grad_sampler = make_grad_sampler(grad_sample_mode, hooked, batch_first, loss_reduction, distributed)
+        grad_sampler.batch_tag = lambda: signal.chunk_id  # each forward's chunk: accumulation across chunks shows
         _PRIVATE_MODULES.add(hooked)
 
         def record_step(opt: DPOptimizer) -> None:
@@ -316,9 +375,10 @@ class PrivacyEngine:
             user_reduction=user_reduction if users is not None else None,
         )
         dp_optimizer.sample_rate = sample_rate
+        self._attached.append(_Attachment(module, hooked, dp_optimizer, sampling, rank))
         self.privacy_unit = privacy_unit
         if self._pending_optimizer_states:
-            self._restore_optimizer(dp_optimizer, self._pending_optimizer_states.pop(0))
+            self._restore(self._attached[-1], self._pending_optimizer_states.pop(0))
         if reserved is not None:
             entry_id, allowance = reserved
             dp_optimizer.step_allowance = dp_optimizer.steps_taken + allowance
@@ -376,11 +436,20 @@ class PrivacyEngine:
         )
 
     def _reserve(
-        self, sample_rate: float, noise_multiplier: float, planned_steps: int | None, rank: int, world_size: int
+        self,
+        sample_rate: float,
+        noise_multiplier: float,
+        planned_steps: int | None,
+        rank: int,
+        world_size: int,
+        sampling: str,
+        seed: int | None,
     ) -> tuple[int | None, int] | None:
         """Reserve ``planned_steps`` (or all the budget allows) in the ledger: (entry id, steps allowed).
 
-        Only rank 0 writes; the allowance is broadcast so that every rank stops at the same step.
+        Only rank 0 writes; the allowance is broadcast so that every rank stops at the same step. ``sampling`` labels
+        the entry ("poisson" or "shuffled"); ``seed``, the seed the run's noise starts from, lets the ledger warn
+        about a run that repeats an earlier one's randomness.
         """
         if self.ledger is None:
             return None
@@ -394,7 +463,13 @@ class PrivacyEngine:
                 allowance = steps = planned_steps
             note = f"{self.ledger_note}: " if self.ledger_note else ""
             entry_id = self.ledger.reserve(
-                self.budget, sample_rate, noise_multiplier, steps, note=f"{note}dptrain run, {steps} steps reserved"
+                self.budget,
+                sample_rate,
+                noise_multiplier,
+                steps,
+                note=f"{note}dptrain run, {steps} steps reserved",
+                sampling=sampling,
+                seed=seed,
             )
         if world_size > 1:
             shared = [allowance]
@@ -449,30 +524,72 @@ class PrivacyEngine:
         _warn_weak_delta(delta, self.dataset_size)
         return self.accountant.get_epsilon(delta)
 
+    def detach(self) -> None:
+        """Undo ``make_private`` on every model made private with this engine: settle the ledger (``close``), remove
+        every hook, give DDP its own gradient synchronisation back; the optimizers take no further step. The
+        accountant keeps its history, so the same engine can make the model private again (e.g. with a new set of
+        trainable parameters) and go on accounting for the same run."""
+        self.close()
+        for attached in self._attached:
+            attached.optimizer.grad_sampler.detach()
+            attached.optimizer.detached = True
+            _PRIVATE_MODULES.discard(attached.hooked)
+            if isinstance(attached.module, DistributedDataParallel):
+                attached.module.require_backward_grad_sync = True
+                attached.module.require_forward_param_sync = True
+        self._attached = []
+
+    def _streams(self, attached: _Attachment) -> dict[str, Any]:
+        sampling = attached.sampling.state_dict() if attached.sampling is not None else None
+        return {"noise": attached.optimizer.random.state_dict(), "sampling": sampling}
+
     def state_dict(self) -> dict[str, Any]:
-        """The accountant's history and the dataset size: enough to resume with the same epsilon."""
+        """The accountant's history, the dataset size, and per optimizer its step count and every random stream
+        (noise and sampling) of every rank: loading it continues the streams instead of repeating them.
+
+        Under DistributedDataParallel this gathers the ranks' streams, so every rank must call it (as with other
+        collective calls); any rank's result can then be saved."""
+        optimizers = []
+        for attached in self._attached:
+            streams = {attached.rank: self._streams(attached)}
+            if isinstance(attached.module, DistributedDataParallel):
+                gathered: list[Any] = [None] * dist.get_world_size()
+                dist.all_gather_object(gathered, streams)
+                streams = {rank: s for part in gathered for rank, s in part.items()}
+            optimizer = attached.optimizer
+            optimizers.append({"steps_taken": optimizer.steps_taken, "streams": streams})
         return {
             "accountant": self.accountant.state_dict(),
             "privacy_unit": self.privacy_unit,
             "dataset_size": self.dataset_size,
-            "optimizers": [
-                {"steps_taken": o.steps_taken, "random": o.random.state_dict()} for o in self.optimizers
-            ],
+            "optimizers": optimizers,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the accountant; optimizer state (step count, noise generator) applies to the optimizers made
+        """Restore the accountant; optimizer state (step count, random streams) applies to the optimizers made
         private so far, in order, and to those made private later for the rest."""
         self.accountant.load_state_dict(state["accountant"])
         self.privacy_unit = state.get("privacy_unit", self.privacy_unit)
         self.dataset_size = state.get("dataset_size")
         optimizer_states = list(state.get("optimizers", []))
-        for opt in self.optimizers:
+        for attached in self._attached:
             if optimizer_states:
-                self._restore_optimizer(opt, optimizer_states.pop(0))
+                self._restore(attached, optimizer_states.pop(0))
         self._pending_optimizer_states = optimizer_states
 
     @staticmethod
-    def _restore_optimizer(optimizer: DPOptimizer, state: dict[str, Any]) -> None:
-        optimizer.steps_taken = state["steps_taken"]
-        optimizer.random.load_state_dict(state["random"])
+    def _restore(attached: _Attachment, state: dict[str, Any]) -> None:
+        attached.optimizer.steps_taken = state["steps_taken"]
+        streams = state.get("streams")
+        if streams is None:  # written before sampling streams were saved: the noise stream only
+            attached.optimizer.random.load_state_dict(state["random"])
+            return
+        mine = streams.get(attached.rank)
+        if mine is None:
+            raise ValueError(
+                f"the saved engine state has random streams for ranks {sorted(streams)}, not for rank "
+                f"{attached.rank}: resume with the world size it was saved with"
+            )
+        attached.optimizer.random.load_state_dict(mine["noise"])
+        if attached.sampling is not None and mine["sampling"] is not None:
+            attached.sampling.load_state_dict(mine["sampling"])

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
-from dptrain.grad.base import GradSampler, MaterializedGradients
+from dptrain.grad.base import GradSampler, MaterializedGradients, PerExampleGradients
 from dptrain.randomness import RandomSource
 from dptrain.sampling import ChunkSignal
 
@@ -47,8 +47,15 @@ def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
     return max_grad_norm / torch.clamp(norms, min=max_grad_norm)
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a step's clipped sum and noise are formed in: at least float32, so that a bf16/fp16 model's
+    contribution per example stays within C up to float32 rounding; the cast back to the parameter's dtype comes
+    after the noise (post-processing, which cannot weaken the guarantee)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class _StepTotal:
-    """The running total of one logical step: one flat buffer per parameter dtype and device (one random draw,
+    """The running total of one logical step: one flat buffer per accumulation dtype and device (one random draw,
     one all-reduce, one division each) and a view of it shaped like each parameter."""
 
     def __init__(
@@ -56,7 +63,7 @@ class _StepTotal:
     ) -> None:
         groups: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = {}
         for p in params:
-            groups.setdefault((p.dtype, p.device), []).append(p)
+            groups.setdefault((accumulation_dtype(p.dtype), p.device), []).append(p)
         self.buffers: list[torch.Tensor] = []
         self.views: dict[nn.Parameter, torch.Tensor] = {}
         for (dtype, device), group in groups.items():
@@ -109,6 +116,15 @@ class DPOptimizer(Optimizer):
         self.charged_noise_multiplier: float | None = None
         self._total: _StepTotal | None = None
         self._logical_batch: int | None = None  # the data loader's logical batch being accumulated, if any
+        self._planned = set(params)  # what make_private privatised: nothing else may be updated
+        #: Steps must consume the private data loader's batches (set when the engine wires a loader's signal).
+        self.requires_private_loader = signal is not None
+        self._stepped_chunk = 0  # the loader's last chunk a step consumed
+        self._next_chunk = 0  # the position, in its logical batch, of the chunk the next step must consume
+        self._failed_batch: int | None = None  # a logical batch skipped (and charged) after an error in a chunk
+        #: Logical steps skipped after an error and charged (included in ``steps_taken``).
+        self.steps_skipped = 0
+        self.detached = False
         #: Called at the end of every logical batch with the step's running total (noise plus clipped sums) as one
         #: tensor per parameter, before the division by the expected batch size; a hook may add to it in place
         #: (the white-box auditor inserts its gradient canaries here).
@@ -160,6 +176,8 @@ class DPOptimizer(Optimizer):
                 "optimizer.step() found no per-example gradients: call loss.backward() on the output of the "
                 "private model before optimizer.step()"
             )
+        if self.requires_private_loader:
+            self._check_provenance(grads)
         if self.user_reduction is not None:
             self._accumulate_users(grads.materialize(), grads.batch_size)
             return
@@ -242,7 +260,7 @@ class DPOptimizer(Optimizer):
 
         A parameter no example's loss touched (an unused branch) has a zero clipped sum: noise only. With
         ``distributed`` the totals (noise from rank 0 only) are summed across ranks, so each logical step carries
-        the noise once.
+        the noise once. A privatised parameter frozen since ``make_private`` gets no gradient (it is not updated).
         """
         total = self._step_total()
         self._total = None
@@ -253,7 +271,96 @@ class DPOptimizer(Optimizer):
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM)
             flat.div_(self.expected_batch_size)
         for p in self.params:
-            p.grad = total.views[p]
+            view = total.views[p]
+            p.grad = (view if view.dtype == p.dtype else view.to(p.dtype)) if p.requires_grad else None
+
+    def _check_parameters(self) -> None:
+        """Refuse a step that would update a parameter without privatising it: one made trainable (or added to the
+        wrapped optimizer) after ``make_private``; clear the stale gradient of every parameter not privatised."""
+        for group in self.original_optimizer.param_groups:
+            for p in group["params"]:
+                if p in self._planned:
+                    continue
+                if p.requires_grad:
+                    self.grad_sampler.discard()
+                    raise RuntimeError(
+                        f"a parameter of shape {tuple(p.shape)} became trainable (or was added to the optimizer) after "
+                        "make_private: its gradient would reach the optimizer unclipped and without noise. Make every "
+                        "layer you will train trainable before make_private (freeze later if you must), or call "
+                        "engine.detach() and make_private again with the new set of trainable parameters"
+                    )
+                p.grad = None  # frozen: never updated with a gradient left from before make_private
+
+    def _check_batch(self) -> None:
+        """A step must consume exactly one physical batch of the private data loader, once: the accountant charges
+        each logical step as one fresh Poisson sample of the dataset."""
+        chunk = self.signal.chunk_id
+        if chunk == 0:
+            self.grad_sampler.discard()
+            raise RuntimeError(
+                "optimizer.step() before any batch of the private data loader: iterate over the data loader that "
+                "make_private returned (not the original one); each step is charged as one Poisson-sampled batch of it"
+            )
+        if chunk == self._stepped_chunk:
+            self.grad_sampler.discard()
+            raise RuntimeError(
+                "optimizer.step() was called again without a new batch from the private data loader: several steps "
+                "on one batch (or steps on batches from another loader) would be charged as fresh Poisson batches "
+                "they are not. Take exactly one optimizer.step() per batch of the loader make_private returned"
+            )
+        self._stepped_chunk = chunk
+        if self.signal.logical_batch == self._failed_batch:
+            return
+        if self._logical_batch is None and self.signal.chunk_index != 0 or (
+            self._logical_batch == self.signal.logical_batch and self.signal.chunk_index != self._next_chunk
+        ):
+            raise RuntimeError(
+                f"optimizer.step() was not called for every physical chunk of logical batch {self.signal.logical_batch}"
+                " (one was skipped): a logical step must include all of its chunks. Call optimizer.step() after the "
+                "backward pass of every chunk the loader yields"
+            )
+        self._next_chunk = self.signal.chunk_index + 1
+
+    def _check_provenance(self, grads: PerExampleGradients) -> None:
+        """The per-example gradients must all come from forward passes on the current chunk, and have its size."""
+        tags = getattr(grads, "tags", frozenset())
+        chunk = self.signal.chunk_id
+        if len(tags) > 1:
+            raise RuntimeError(
+                "backward() ran on several different batches before one optimizer.step() (gradient accumulation): "
+                "their examples would be paired by row and clipped together. Call optimizer.step() after every "
+                "batch, and use make_private(max_physical_batch_size=...) to split large logical batches into chunks"
+            )
+        if tags and chunk not in tags:
+            raise RuntimeError(
+                "the per-example gradients come from a forward pass on an earlier batch, not on the private data "
+                "loader's current batch: call optimizer.step() after the backward pass of each batch"
+            )
+        if self.signal.chunk_size is not None and grads.batch_size != self.signal.chunk_size:
+            raise RuntimeError(
+                f"the gradients are of a batch of {grads.batch_size} examples, but the private data loader's current "
+                f"batch has {self.signal.chunk_size}: train on the batches of the loader make_private returned"
+            )
+
+    def _skip_failed_batch(self, error: BaseException, charged: bool) -> None:
+        """After an error in a chunk, the whole logical batch is skipped: nothing of it is released and its other
+        chunks are ignored, so one example can never remove only some of the others. A skip caused by an example's
+        gradient (``charged``: non-finite) depends on the data, so it is charged as one step."""
+        self._abandon_logical_step()
+        self._logical_batch = None
+        if not self.requires_private_loader:
+            return
+        self._failed_batch = self.signal.logical_batch
+        charge = "is charged as one step (the skip depends on the data)" if charged else "is not charged"
+        if charged:
+            self.steps_taken += 1
+            self.steps_skipped += 1
+            if self.on_step is not None:
+                self.on_step(self)
+        error.add_note(
+            f"dptrain: logical batch {self.signal.logical_batch} is skipped as a whole (no example of it is released, "
+            f"its remaining chunks are ignored) and {charge}"
+        )
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Clip this chunk's per-example gradients; at the end of a logical batch, noise, scale and step.
@@ -263,6 +370,9 @@ class DPOptimizer(Optimizer):
         if self.step_allowance is not None and self.steps_taken >= self.step_allowance:
             self.grad_sampler.discard()
             raise BudgetExhausted(self.budget_name, self.steps_taken)
+        if self.detached:
+            self.grad_sampler.discard()
+            raise RuntimeError("this optimizer's engine was detached from the model: make the model private again")
         if self.charged_noise_multiplier not in (None, self.noise_multiplier):
             self.grad_sampler.discard()
             raise ValueError(
@@ -270,12 +380,19 @@ class DPOptimizer(Optimizer):
                 f"the ledger reserved budget {self.budget_name!r} at {self.charged_noise_multiplier}: the steps would "
                 "be charged at the wrong cost. Close this engine and start a new one with the new noise multiplier"
             )
+        self._check_parameters()
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         if self._logical_batch not in (None, self.signal.logical_batch):
             self._abandon_logical_step()  # the loader moved on before the last chunk's step: that step never ends
+            self._logical_batch = None
+        if self.requires_private_loader:
+            self._check_batch()
+            if self.signal.logical_batch == self._failed_batch:
+                self.grad_sampler.discard()  # a chunk of a batch already skipped and charged after an error
+                return None
         self._logical_batch = self.signal.logical_batch
         try:
             self._accumulate_chunk()
@@ -283,8 +400,8 @@ class DPOptimizer(Optimizer):
                 return None
             if self.user_reduction is not None:
                 self._clip_users()
-        except BaseException:
-            self._abandon_logical_step()
+        except BaseException as error:
+            self._skip_failed_batch(error, charged=isinstance(error, NonFiniteGradientError))
             raise
         self._noisy_average()
         self._logical_batch = None

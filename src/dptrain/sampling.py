@@ -12,11 +12,58 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+    SubsetRandomSampler,
+    WeightedRandomSampler,
+)
 from torch.utils.data.dataloader import default_collate
 from torch.utils._pytree import tree_flatten, tree_map
 
 from dptrain.randomness import RandomSource
+
+
+def sample_space(data_loader: DataLoader) -> torch.Tensor | None:
+    """The dataset indices the user's loader draws from (its sampler's index set), or None for the whole dataset.
+
+    Poisson sampling replaces the loader's batch selection, but not its choice of examples: a ``SubsetRandomSampler``
+    (or any sampler over a subset, e.g. a train split) is honoured by sampling from its indices only, with N = their
+    number. ``DistributedSampler`` stands for the whole dataset (the engine shards by rank itself). A sampler that
+    repeats indices or weights them (``WeightedRandomSampler``, ``replacement=True``) cannot be turned into Poisson
+    sampling of a set and is refused.
+    """
+    sampler = data_loader.sampler
+    size = len(data_loader.dataset)
+    if data_loader.batch_sampler is not None and not isinstance(data_loader.batch_sampler, BatchSampler):
+        sampler = [i for batch in data_loader.batch_sampler for i in batch]  # a custom batch sampler's examples
+    elif isinstance(sampler, (SequentialSampler, DistributedSampler)):
+        return None
+    if isinstance(sampler, RandomSampler) and not sampler.replacement and sampler.num_samples == size:
+        return None
+    if isinstance(sampler, (WeightedRandomSampler, RandomSampler)):
+        raise ValueError(
+            f"the data loader's {type(sampler).__name__} draws examples with replacement or by weight, which Poisson "
+            "sampling cannot honour (each example is included with the same probability): pass a loader over the "
+            "examples to train on, without a custom sampler"
+        )
+    indices = torch.as_tensor(list(sampler.indices if isinstance(sampler, SubsetRandomSampler) else sampler))
+    indices = indices.long().flatten()
+    if len(indices) == 0:
+        raise ValueError("the data loader's sampler yields no example: there is nothing to train on")
+    if len(torch.unique(indices)) != len(indices):
+        raise ValueError(
+            f"the data loader's {type(sampler).__name__} repeats examples, which Poisson sampling cannot honour: "
+            "give a sampler over a set of distinct indices (e.g. SubsetRandomSampler) or none"
+        )
+    if indices.min() < 0 or indices.max() >= size:
+        raise ValueError(f"the data loader's sampler yields indices outside the dataset of {size} examples")
+    return indices
 
 
 class PoissonBatchSampler(Sampler[list[int]]):
@@ -24,7 +71,8 @@ class PoissonBatchSampler(Sampler[list[int]]):
 
     Under ``torch.distributed`` each of ``world_size`` ranks samples only its shard (indices congruent to ``rank``
     modulo ``world_size``) with the same rate and its own random stream, so the union over ranks is a Poisson sample
-    of the whole dataset.
+    of the whole dataset. With ``indices`` (a subset of a dataset, e.g. from :func:`sample_space`), position k of
+    ``range(num_samples)`` stands for dataset index ``indices[k]``.
     """
 
     def __init__(
@@ -35,7 +83,10 @@ class PoissonBatchSampler(Sampler[list[int]]):
         random: RandomSource | None = None,
         rank: int = 0,
         world_size: int = 1,
+        indices: torch.Tensor | None = None,
     ) -> None:
+        if indices is not None and len(indices) != num_samples:
+            raise ValueError(f"indices has {len(indices)} entries for num_samples={num_samples}")
         if num_samples <= 0:
             raise ValueError(f"num_samples must be > 0, got {num_samples}")
         if not 0 < sample_rate <= 1:
@@ -49,6 +100,8 @@ class PoissonBatchSampler(Sampler[list[int]]):
         self.steps = steps
         self.random = random or RandomSource()
         self.shard = torch.arange(rank, num_samples, world_size)
+        if indices is not None:
+            self.shard = indices[self.shard]
 
     def __len__(self) -> int:
         return self.steps

@@ -53,9 +53,10 @@ USER_REDUCTIONS = ("sum", "mean")
 _PRIVATE_MODULES: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
-def _training_set(data_loader: DataLoader) -> tuple[torch.Tensor | None, int]:
+def _training_set(data_loader: DataLoader, distributed: bool = False) -> tuple[torch.Tensor | None, int]:
     """The dataset indices the loader trains on (None: all of them) and their number N, for sampling and
-    accounting: a loader's own sampler over a subset (a train split) is honoured, never silently widened."""
+    accounting: a loader's own sampler over a subset (a train split) is honoured, never silently widened. Under
+    DDP each rank's sampler is its part (as a DistributedSampler's shard is): the training set is their union."""
     try:
         steps = len(data_loader)
         size = len(data_loader.dataset)
@@ -67,11 +68,15 @@ def _training_set(data_loader: DataLoader) -> tuple[torch.Tensor | None, int]:
     if size == 0 or steps == 0:
         raise ValueError("data_loader is empty: there is nothing to train on")
     indices = sample_space(data_loader)
+    if distributed:
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, indices)
+        if any(part is None for part in parts):
+            indices = None
+        else:
+            indices = torch.unique(torch.cat(parts))
+            indices = None if len(indices) == size else indices
     return indices, size if indices is None else len(indices)
-
-
-def _dataset_size(data_loader: DataLoader) -> int:
-    return _training_set(data_loader)[1]
 
 
 def _fresh_generator(device: torch.device | str = "cpu") -> torch.Generator:
@@ -117,7 +122,8 @@ def _check_privacy_unit(
     users = torch.as_tensor(user_ids)
     if users.dim() != 1 or users.dtype.is_floating_point or users.dtype == torch.bool:
         raise ValueError(f"user_ids must be a 1-D sequence of integer ids, got shape {tuple(users.shape)}, {users.dtype}")
-    size = _dataset_size(data_loader)
+    _training_set(data_loader)  # a loader without a length or with no example fails here
+    size = len(data_loader.dataset)
     if len(users) != size:
         raise ValueError(f"user_ids has {len(users)} entries but the dataset has {size} examples; give one per example")
     return users.long()
@@ -302,7 +308,7 @@ class PrivacyEngine:
         if distributed:
             _stop_ddp_synchronisation(module)
         params = self._private_params(hooked, optimizer)
-        indices, dataset_size = _training_set(data_loader)
+        indices, dataset_size = _training_set(data_loader, distributed)
         steps_per_epoch = len(data_loader)
         self.dataset_size = dataset_size
 
@@ -410,7 +416,7 @@ class PrivacyEngine:
         epochs = int(epochs)
         check_positive(max_grad_norm, "max_grad_norm")
         _refuse_invalid_model(module)  # before calibration, which takes seconds
-        dataset_size = _dataset_size(data_loader)
+        dataset_size = _training_set(data_loader, isinstance(module, DistributedDataParallel))[1]
         _warn_weak_delta(target_delta, dataset_size)
         steps_per_epoch = len(data_loader)
         if kwargs.get("poisson_sampling", True):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import gc
 import json
 import os
@@ -176,12 +177,13 @@ def make_step(engine: str, model, x, y, loss_fn):
     loader = DataLoader(TensorDataset(x, y), batch_size=len(x))
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     criterion = None
+    fresh_batch = lambda: None  # noqa: E731
     if engine.startswith("dptrain-"):
         from dptrain import PrivacyEngine
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # poisson_sampling=False warns that the accounting is not proven
-            model, optimizer, _ = PrivacyEngine().make_private(
+            model, optimizer, private_loader = PrivacyEngine().make_private(
                 module=model,
                 optimizer=optimizer,
                 data_loader=loader,
@@ -190,6 +192,9 @@ def make_step(engine: str, model, x, y, loss_fn):
                 poisson_sampling=False,
                 grad_sample_mode=engine.split("-", 1)[1],
             )
+            # Every step must consume a fresh batch of the private loader. The benchmark reuses its one fixed batch
+            # (as the other engines do) and announces it as the private loader does, without collating it again.
+            fresh_batch = functools.partial(private_loader.signal.begin_chunk, len(x), True)
     elif engine.startswith("opacus-"):
         from opacus import PrivacyEngine as OpacusEngine
         from opacus.validators import ModuleValidator
@@ -228,6 +233,7 @@ def make_step(engine: str, model, x, y, loss_fn):
             return loss_fn(model, x, y)
 
     def step():
+        fresh_batch()
         optimizer.zero_grad()
         loss = compute_loss()
         loss.backward()
@@ -373,6 +379,7 @@ def profile(model_name: str, args: argparse.Namespace) -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
     with torch_profile(activities=activities) as prof:
         for _ in range(args.steps):
+            optimizer.signal.begin_chunk(optimizer.signal.chunk_size, True)  # a fresh batch, as the loader announces it
             with record_function("1.zero_grad"):
                 optimizer.zero_grad()
             with record_function("2.forward+loss"):

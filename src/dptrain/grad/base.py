@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -11,14 +12,29 @@ import torch
 from torch import nn
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """At least float32: bfloat16 / float16 squares and sums lose precision (and float16 overflows past 65504)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def per_example_squared_norms(grads: dict[Any, torch.Tensor]) -> dict[Any, torch.Tensor]:
-    """Squared norm of each example's gradient, (batch,) per key, from per-example gradients (batch, ...)."""
-    return {key: g.flatten(1).pow(2).sum(1) for key, g in grads.items()}
+    """Squared norm of each example's gradient, (batch,) per key, from per-example gradients (batch, ...), in at
+    least float32. A 0-dim parameter's per-example gradients are (batch,)."""
+    norms = {}
+    for key, g in grads.items():
+        flat = g.reshape(g.shape[0], math.prod(g.shape[1:]))
+        norms[key] = flat.to(_compute_dtype(g.dtype)).pow(2).sum(1)
+    return norms
 
 
 def per_example_weighted_sums(grads: dict[Any, torch.Tensor], weights: torch.Tensor) -> dict[Any, torch.Tensor]:
-    """sum_i weights[i] * g_i per key, from per-example gradients (batch, ...)."""
-    return {key: torch.einsum("b,b...->...", weights.to(g.device, g.dtype), g) for key, g in grads.items()}
+    """sum_i weights[i] * g_i per key, from per-example gradients (batch, ...), in at least float32 (so the clip
+    factors are not rounded to 16 bits either)."""
+    sums = {}
+    for key, g in grads.items():
+        dtype = _compute_dtype(g.dtype)
+        sums[key] = torch.einsum("b,b...->...", weights.to(g.device, dtype), g.to(dtype))
+    return sums
 
 
 class PerExampleGradients(ABC):
@@ -29,6 +45,8 @@ class PerExampleGradients(ABC):
     """
 
     batch_size: int
+    #: The ids (``GradSampler.batch_tag``) of the physical chunks whose forward passes produced these gradients.
+    tags: frozenset = frozenset()
 
     @abstractmethod
     def squared_norms(self) -> torch.Tensor:
@@ -52,9 +70,12 @@ class PerExampleGradients(ABC):
 class MaterializedGradients(PerExampleGradients):
     """Per-example gradients held as one tensor of shape (batch, *param.shape) per parameter."""
 
-    def __init__(self, per_param: dict[nn.Parameter, torch.Tensor], batch_size: int) -> None:
+    def __init__(
+        self, per_param: dict[nn.Parameter, torch.Tensor], batch_size: int, tags: Iterable[Hashable] = frozenset()
+    ) -> None:
         self.per_param = per_param
         self.batch_size = batch_size
+        self.tags = frozenset(tags)
 
     def squared_norms(self) -> torch.Tensor:
         if not self.per_param:
@@ -68,7 +89,7 @@ class MaterializedGradients(PerExampleGradients):
         return self.per_param
 
     def __add__(self, other: "MaterializedGradients") -> "MaterializedGradients":
-        """Sum of two records over the same examples (two backward passes before one step)."""
+        """Sum of two records over the same examples (two backward passes before one step), with both's tags."""
         if other.batch_size != self.batch_size:
             raise RuntimeError(
                 f"two backward passes over batches of different sizes ({self.batch_size} and {other.batch_size}) "
@@ -77,11 +98,15 @@ class MaterializedGradients(PerExampleGradients):
         merged = dict(self.per_param)
         for p, g in other.per_param.items():
             merged[p] = merged[p] + g if p in merged else g
-        return MaterializedGradients(merged, self.batch_size)
+        return MaterializedGradients(merged, self.batch_size, self.tags | other.tags)
 
 
 class GradSampler(ABC):
     """Attaches to the user's module (hooks only, no wrapper) and yields per-example gradients after backward."""
+
+    #: Set by the engine after construction: returns the id of the private data loader's current physical chunk.
+    #: Engines record it at each forward pass and report it in ``PerExampleGradients.tags``.
+    batch_tag: Callable[[], Hashable] | None = None
 
     @abstractmethod
     def collect(self, params: list[nn.Parameter]) -> PerExampleGradients | None:

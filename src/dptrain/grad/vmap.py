@@ -4,11 +4,16 @@ The forward hook keeps the module's inputs; a gradient hook on its outputs keeps
 backward pass. Example i's gradient is then the vjp of the module at input i with output gradient i — exact for any
 module that treats examples independently (buffers included), whatever its layers. It costs one more forward and
 backward, under vmap; the fast engine is measured against it.
+
+A replay cannot draw the random numbers the user's forward drew (dropout masks), so a module whose forward consumes
+random numbers is refused at that forward: the CPU generator's state, and that of each CUDA device its inputs are
+on, is compared before and after the call (a few microseconds). The replay itself is checked the same way.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +33,23 @@ class _BackwardRecord:
     output_indices: list[int]  # positions (in the flattened output) of outputs that received a gradient
     output_grads: list[torch.Tensor]
     batch_size: int
+    tags: frozenset[Hashable]  # the batch tag at the forward pass, if the engine set ``batch_tag``
+
+
+def _cuda_devices(inputs: Any) -> tuple[torch.device, ...]:
+    """The CUDA devices of the tensors in ``inputs`` (any nesting); none to look for before CUDA is initialised."""
+    if not torch.cuda.is_initialized():
+        return ()
+    return tuple({t.device for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor) and t.is_cuda})
+
+
+def _generator_states(cuda_devices: tuple[torch.device, ...]) -> list[torch.Tensor]:
+    """The state of the CPU random generator and of each given CUDA device's."""
+    return [torch.default_generator.get_state(), *(torch.cuda.get_rng_state(d) for d in cuda_devices)]
+
+
+def _drew_random_numbers(cuda_devices: tuple[torch.device, ...], before: list[torch.Tensor]) -> bool:
+    return any(not torch.equal(a, b) for a, b in zip(before, _generator_states(cuda_devices)))
 
 
 class VmapGradSampler(GradSampler):
@@ -55,7 +77,23 @@ class VmapGradSampler(GradSampler):
         self.arg_batch_dims = arg_batch_dims or {}
         self.enabled = enabled
         self._records: list[_BackwardRecord] = []
-        self._handle = module.register_forward_hook(self._on_forward, with_kwargs=True)
+        # The random generators' states when the module's current forward call began (None: not captured).
+        self._rng_before: tuple[tuple[torch.device, ...], list[torch.Tensor]] | None = None
+        self._handles = [
+            module.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            module.register_forward_hook(self._on_forward, with_kwargs=True),
+        ]
+
+    def _random_forward_error(self, when: str) -> RuntimeError:
+        return RuntimeError(
+            f"{type(self.module).__name__} draws random numbers {when} (dropout in training mode, or other "
+            "randomness), but its per-example gradients come from a torch.func replay of its forward, which cannot "
+            "draw the same ones: the gradients would not be the ones this forward produced. Make its forward "
+            "deterministic: set its dropout to 0 (e.g. nn.GRU(dropout=0)), call model.eval(), or apply the dropout "
+            "outside this module (an nn.Dropout on its input or output in the parent module). grad_sample_mode="
+            "'vmap' replays the whole model; 'auto' replays only layers without a per-layer rule (nn.LSTM, nn.GRU, "
+            "custom layers with their own parameters) and the model when a layer is applied to unbatched inputs"
+        )
 
     def _batch_size(self, inputs: tuple[tuple, dict]) -> int:
         for leaf in tree_flatten(inputs)[0]:
@@ -66,13 +104,25 @@ class VmapGradSampler(GradSampler):
             f"(dim {self.batch_dim}); per-example gradients need batched tensor inputs"
         )
 
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Keep the random generators' states (also while disabled: the fast engine enables its whole-model replay
+        during a forward pass)."""
+        if self.guard.active or not torch.is_grad_enabled():
+            return
+        devices = _cuda_devices((args, kwargs))
+        self._rng_before = (devices, _generator_states(devices))
+
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        rng_before, self._rng_before = self._rng_before, None
         if not self.enabled or self.guard.active or not torch.is_grad_enabled():
             return
         leaves = tree_flatten(output)[0]
         tracked = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
         if not tracked:
             return
+        if rng_before is not None and _drew_random_numbers(*rng_before):
+            raise self._random_forward_error("in its forward pass")
+        tags = frozenset((self.batch_tag(),)) if self.batch_tag is not None else frozenset()
         inputs = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, (args, kwargs))
         batch_size = self._batch_size(inputs)
 
@@ -88,7 +138,7 @@ class VmapGradSampler(GradSampler):
                         "outside the model"
                     )
             self._records.append(
-                _BackwardRecord(inputs, [i for i, _ in used], [g for _, g in used], batch_size)
+                _BackwardRecord(inputs, [i for i, _ in used], [g for _, g in used], batch_size, tags)
             )
 
         torch.autograd.graph.register_multi_grad_hook([leaves[i] for i in tracked], on_output_grads)
@@ -112,7 +162,7 @@ class VmapGradSampler(GradSampler):
         constants.update(dict(self.module.named_buffers()))
         batch_dim, batch_size = self.batch_dim, record.batch_size
         if batch_size == 0:
-            return MaterializedGradients({p: p.new_zeros((0, *p.shape)) for p in params}, 0)
+            return MaterializedGradients({p: p.new_zeros((0, *p.shape)) for p in params}, 0, record.tags)
 
         def is_batched(leaf: Any) -> bool:
             return isinstance(leaf, torch.Tensor) and leaf.dim() > batch_dim and leaf.shape[batch_dim] == batch_size
@@ -147,24 +197,30 @@ class VmapGradSampler(GradSampler):
                 grads.append(pullback(tuple(g.narrow(batch_dim, i, 1) for g in record.output_grads))[0])
             return {name: torch.stack([g[name] for g in grads]) for name in trainable}
 
+        devices = _cuda_devices(record.inputs)
+        rng_before = _generator_states(devices)
         with self.guard.replaying(), warnings.catch_warnings():
             # Layers without a batching rule (LSTM, CPU attention) run per example under vmap: expected here.
             warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
             try:
-                per_name = vmap(one_example, in_dims=(None, input_dims, batch_dim), randomness="different")(
+                # A random operation raises under vmap here; the per-example loop then draws and is refused below.
+                per_name = vmap(one_example, in_dims=(None, input_dims, batch_dim), randomness="error")(
                     trainable, record.inputs, record.output_grads
                 )
             except torch.OutOfMemoryError:
                 raise  # not a missing batching rule: a per-example loop would only hide it
             except RuntimeError:
                 per_name = example_by_example()
+        if _drew_random_numbers(devices, rng_before):
+            raise self._random_forward_error("when its forward is replayed")
         scale = float(batch_size) if self.loss_reduction == "mean" else 1.0
         per_param = {p: per_name[names[p]] * scale for p in params}
-        return MaterializedGradients(per_param, batch_size)
+        return MaterializedGradients(per_param, batch_size, record.tags)
 
     def discard(self) -> None:
         self._records = []
 
     def detach(self) -> None:
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
         self._records = []

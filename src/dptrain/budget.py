@@ -2,6 +2,8 @@
 
 Each release (a training run, a tuning run, an evaluation) is recorded as an *event* -- Poisson-sampled Gaussian
 with its sample rate, noise multiplier, number of steps, sampling scheme and privacy unit -- never as a bare epsilon.
+A run that shuffled instead of Poisson-sampling is composed the same way but labelled ``sampling="shuffled"``: its
+share of the total is not a proven guarantee. A run's seed is kept, and reusing one against a budget is warned about.
 The total is recomputed by composing every recorded event in one fresh PLD accountant at the budget's delta, which
 is tighter than adding epsilons and never rounds in the user's favour (pessimistic discretisation, an exact
 ``total <= cap`` comparison).
@@ -16,8 +18,10 @@ in place, which errs on the safe side.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 import sqlite3
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -38,7 +42,7 @@ from dptrain.accounting import (
 )
 
 #: Version of the file layout; a file with a larger ``PRAGMA user_version`` was written by a newer dptrain.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: ``PRAGMA application_id`` of a dptrain ledger (ASCII "dptr"): tells a ledger from any other SQLite file.
 APPLICATION_ID = 0x64707472
 #: The PLD discretisation of every ledger total (pessimistic; see accounting.COARSE_PLD_VALUE_DISCRETIZATION).
@@ -46,6 +50,11 @@ LEDGER_PLD_DISCRETIZATION = COARSE_PLD_VALUE_DISCRETIZATION
 #: :meth:`BudgetLedger.max_steps` searches up to this many steps (composing ~10^6 steps costs about a second).
 MAX_STEPS_SEARCHED = 2**20
 PRIVACY_UNITS = ("example", "user")
+#: How a run chose its batches: "poisson" (what the accounting assumes) or "shuffled" (epsilon not proven).
+SAMPLINGS = ("poisson", "shuffled")
+#: Seeds accepted (torch's range). Stored as decimal TEXT: SQLite's INTEGER is signed 64-bit, so 2**63 and up
+#: would not fit, and text compares exactly.
+SEED_RANGE = (-(2**63), 2**64 - 1)
 RESERVED, SPENT = "reserved", "spent"
 
 _SCHEMA = (
@@ -72,12 +81,18 @@ _SCHEMA = (
         group_size INTEGER NOT NULL CHECK (group_size >= 1),
         accountant TEXT NOT NULL,
         note TEXT NOT NULL,
-        settled_at TEXT
+        settled_at TEXT,
+        seed TEXT
     )""",
     "CREATE INDEX entries_by_budget ON entries (budget, id)",
     f"PRAGMA application_id = {APPLICATION_ID}",
     f"PRAGMA user_version = {SCHEMA_VERSION}",
 )
+#: Statements that bring a file of schema version v to v + 1 (run in one write transaction on open). The result
+#: matches a fresh file of the new version: an added column goes last, as in ``_SCHEMA``.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: ("ALTER TABLE entries ADD COLUMN seed TEXT",),  # v2: the run's seed (NULL: none given, or a v1 entry)
+}
 
 
 class BudgetError(Exception):
@@ -98,6 +113,10 @@ class BudgetExistsError(BudgetError, ValueError):
 
 class BudgetClosedError(BudgetError, ValueError):
     """The budget was closed: nothing more may be spent or reserved against it."""
+
+
+class ReusedSeedWarning(UserWarning):
+    """A reservation or spend gives a seed that an earlier entry of the same budget already used (still recorded)."""
 
 
 class BudgetExceededError(BudgetError, ValueError):
@@ -139,7 +158,9 @@ class LedgerEntry:
 
     ``status`` is "reserved" (a run's planned steps, counted in full until settled) or "spent"; ``planned_steps`` is
     what was reserved and ``steps`` what counts now. ``group_size`` > 1: each privacy unit (user) contributes up to
-    that many examples, each Poisson-sampled (see :func:`dptrain.accounting.sampled_gaussian_event`).
+    that many examples, each Poisson-sampled (see :func:`dptrain.accounting.sampled_gaussian_event`). ``sampling``
+    is "poisson", or "shuffled" for a run whose epsilon (composed as if Poisson) is not a proven guarantee;
+    ``seed`` is the run's seed (None: none given, or recorded by a version-1 ledger).
     """
 
     id: int
@@ -157,6 +178,13 @@ class LedgerEntry:
     accountant: str
     note: str
     settled_at: str | None
+    seed: int | None = None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> "LedgerEntry":
+        fields = dict(row)
+        fields["seed"] = None if fields["seed"] is None else int(fields["seed"])
+        return cls(**fields)
 
     def record(self) -> StepRecord:
         """The entry's steps as an accounting record (what the ledger composes)."""
@@ -172,6 +200,7 @@ class BudgetSummary:
     """A budget with its composed spend, read in one snapshot.
 
     ``remaining`` = cap - spent is for display: epsilons do not add, so use :meth:`BudgetLedger.max_steps` to plan.
+    ``shuffled`` counts the entries labelled ``sampling="shuffled"``: if it is not 0, ``spent`` is not a proven bound.
     """
 
     budget: Budget
@@ -179,6 +208,7 @@ class BudgetSummary:
     remaining: float
     entries: int
     reserved: int
+    shuffled: int = 0
 
 
 def _now() -> str:
@@ -188,6 +218,16 @@ def _now() -> str:
 def _check_name(name: str) -> None:
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"budget name must be a non-empty string, got {name!r}")
+
+
+def _seed_text(seed: int | None) -> str | None:
+    """The seed as it is stored: canonical decimal text (None stays None)."""
+    if seed is None:
+        return None
+    low, high = SEED_RANGE
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not low <= int(seed) <= high:
+        raise ValueError(f"seed must be None or an integer in [-2**63, 2**64 - 1], got {seed!r}")
+    return str(int(seed))
 
 
 class BudgetLedger:
@@ -228,7 +268,11 @@ class BudgetLedger:
                     if self._is_empty(db):
                         for statement in _SCHEMA:
                             db.execute(statement)
-                self._check_format(db)
+                if self._check_format(db) < SCHEMA_VERSION:
+                    if not write:  # a migration writes: take the lock, then look again (another may migrate first)
+                        db.execute("COMMIT")
+                        db.execute("BEGIN IMMEDIATE")
+                    self._migrate(db)
                 yield db
             except BaseException:
                 if db.in_transaction:
@@ -252,7 +296,8 @@ class BudgetLedger:
         header = db.execute("PRAGMA application_id").fetchone()[0], db.execute("PRAGMA user_version").fetchone()[0]
         return header == (0, 0) and db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is None
 
-    def _check_format(self, db: sqlite3.Connection) -> None:
+    def _check_format(self, db: sqlite3.Connection) -> int:
+        """The file's schema version, after refusing a file that is not a ledger or is from a newer dptrain."""
         app_id = db.execute("PRAGMA application_id").fetchone()[0]
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if app_id != APPLICATION_ID:
@@ -264,6 +309,15 @@ class BudgetLedger:
             )
         if version < 1:
             raise LedgerError(f"privacy ledger {self.path} has an invalid schema version {version}")
+        return version
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        """Bring an older file to :data:`SCHEMA_VERSION` in place, inside the caller's write transaction (all or
+        nothing: a failure rolls the file back to its old version, which older dptrain versions still read)."""
+        for version in range(self._check_format(db), SCHEMA_VERSION):
+            for statement in _MIGRATIONS[version]:
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {version + 1}")
 
     def _budget(self, db: sqlite3.Connection, name: str) -> Budget:
         row = db.execute("SELECT * FROM budgets WHERE name = ?", (name,)).fetchone()
@@ -275,7 +329,7 @@ class BudgetLedger:
     @staticmethod
     def _entries(db: sqlite3.Connection, name: str) -> list[LedgerEntry]:
         rows = db.execute("SELECT * FROM entries WHERE budget = ? ORDER BY id", (name,))
-        return [LedgerEntry(**dict(row)) for row in rows]
+        return [LedgerEntry.from_row(row) for row in rows]
 
     @staticmethod
     def _check_request(budget: Budget, group_size: int, delta: float | None) -> None:
@@ -339,13 +393,17 @@ class BudgetLedger:
         *,
         group_size: int = 1,
         delta: float | None = None,
+        sampling: str = "poisson",
+        seed: int | None = None,
     ) -> int:
-        """Record a finished release of ``steps`` Poisson-sampled Gaussian steps; returns the entry id.
+        """Record a finished release of ``steps`` sampled Gaussian steps; returns the entry id.
 
         Raises BudgetExceededError, recording nothing, if the composed total would exceed the cap. ``delta``, if
-        given, must equal the budget's.
+        given, must equal the budget's. ``sampling``: "poisson", or "shuffled" for batches that were not
+        Poisson-sampled (composed the same way, labelled as not proven). ``seed``: the run's seed, if any; one
+        already recorded against this budget raises a :class:`ReusedSeedWarning` (the entry is still recorded).
         """
-        return self._add(name, sample_rate, noise_multiplier, steps, note, group_size, delta, SPENT)
+        return self._add(name, sample_rate, noise_multiplier, steps, note, group_size, delta, SPENT, sampling, seed)
 
     def reserve(
         self,
@@ -357,12 +415,15 @@ class BudgetLedger:
         *,
         group_size: int = 1,
         delta: float | None = None,
+        sampling: str = "poisson",
+        seed: int | None = None,
     ) -> int:
         """Reserve a planned run's ``steps`` before it starts; they count in full until :meth:`settle`.
 
-        Same checks as :meth:`spend`: a run that would not fit is refused before it takes any step.
+        Same checks, labels and seed warning as :meth:`spend`: a run that would not fit is refused before it takes
+        any step.
         """
-        return self._add(name, sample_rate, noise_multiplier, steps, note, group_size, delta, RESERVED)
+        return self._add(name, sample_rate, noise_multiplier, steps, note, group_size, delta, RESERVED, sampling, seed)
 
     def _add(
         self,
@@ -374,6 +435,8 @@ class BudgetLedger:
         group_size: int,
         delta: float | None,
         status: str,
+        sampling: str,
+        seed: int | None,
     ) -> int:
         check_sample_rate(sample_rate)
         check_noise_multiplier(noise_multiplier)
@@ -383,6 +446,9 @@ class BudgetLedger:
             check_delta(delta)
         if not isinstance(note, str):
             raise ValueError(f"note must be a string, got {note!r}")
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS} (how the run chose its batches), got {sampling!r}")
+        seed_text = _seed_text(seed)
         request = StepRecord(float(sample_rate), float(noise_multiplier), steps, group_size)
         with self._transaction(write=True) as db:
             budget = self._budget(db, name)
@@ -398,10 +464,12 @@ class BudgetLedger:
                     requested=composed_epsilon([request], budget.delta, LEDGER_PLD_DISCRETIZATION),
                     total=total,
                 )
+            if seed_text is not None:
+                self._warn_reused_seed(db, name, seed_text)
             cursor = db.execute(
                 "INSERT INTO entries (budget, created_at, status, kind, sample_rate, noise_multiplier, steps, "
-                "planned_steps, sampling, privacy_unit, group_size, accountant, note) "
-                "VALUES (?, ?, ?, 'poisson_gaussian', ?, ?, ?, ?, 'poisson', ?, ?, 'pld', ?)",
+                "planned_steps, sampling, privacy_unit, group_size, accountant, note, seed) "
+                "VALUES (?, ?, ?, 'poisson_gaussian', ?, ?, ?, ?, ?, ?, ?, 'pld', ?, ?)",
                 (
                     name,
                     _now(),
@@ -410,14 +478,34 @@ class BudgetLedger:
                     request.noise_multiplier,
                     steps,
                     steps,
+                    sampling,
                     budget.privacy_unit,
                     group_size,
                     note,
+                    seed_text,
                 ),
             )
             entry_id = cursor.lastrowid
         assert entry_id is not None
         return entry_id
+
+    def _warn_reused_seed(self, db: sqlite3.Connection, name: str, seed: str) -> None:
+        """Warn if an entry of budget ``name`` already used ``seed``. Raised inside the write transaction, so that
+        with warnings turned into errors the request is refused and nothing is recorded."""
+        row = db.execute(
+            "SELECT id, status, created_at, note FROM entries WHERE budget = ? AND seed = ? ORDER BY id LIMIT 1",
+            (name, seed),
+        ).fetchone()
+        if row is not None:
+            warnings.warn(
+                f"seed {seed} was already used against budget {name!r} by entry {row['id']} ({row['status']}, "
+                f"created {row['created_at']}, note {row['note']!r}). Two runs from one seed draw the same noise "
+                "and, on the same data, the same batches, so comparing their released models cancels the noise: "
+                "what differs between the runs shows through unprotected, which the ledger's composition (independent "
+                "noise) does not account for. Pass a fresh seed, or none. This entry is recorded all the same.",
+                ReusedSeedWarning,
+                stacklevel=4,
+            )
 
     def settle(self, entry_id: int, steps_taken: int) -> None:
         """Turn reservation ``entry_id`` into a spent entry of the ``steps_taken`` (<= reserved) actually taken."""
@@ -484,6 +572,7 @@ class BudgetLedger:
             remaining=max(0.0, budget.epsilon - spent),
             entries=len(entries),
             reserved=sum(e.status == RESERVED for e in entries),
+            shuffled=sum(e.sampling == "shuffled" for e in entries),
         )
 
     def spent(self, name: str) -> float:
@@ -506,4 +595,4 @@ class BudgetLedger:
             row = db.execute("SELECT * FROM entries WHERE id = ?", (entry_id,)).fetchone()
         if row is None:
             raise ValueError(f"no entry with id {entry_id!r} in {self.path}")
-        return LedgerEntry(**dict(row))
+        return LedgerEntry.from_row(row)

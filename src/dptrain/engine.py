@@ -153,6 +153,11 @@ def _stop_ddp_synchronisation(module: DistributedDataParallel) -> None:
     reduction of each logical step (clipped sums plus rank 0's noise). Left on, DDP's bucket all-reduces would run
     once per backward pass, so ranks with different numbers of physical chunks would pair the DP all-reduce with a
     DDP bucket of raw gradients. DDP has already broadcast rank 0's parameters when it was constructed."""
+    if module.static_graph:
+        raise ValueError(
+            "DistributedDataParallel(static_graph=True) cannot run with its gradient synchronisation off, which the "
+            "DP engine needs (it makes the one reduction of each step itself): build DDP without static_graph"
+        )
     module.require_backward_grad_sync = False
     module.require_forward_param_sync = False
 
@@ -358,7 +363,7 @@ class PrivacyEngine:
         sampling_scheme = "poisson" if sampling is not None else "shuffled"
         reserved = self._reserve(sample_rate, noise_multiplier, planned_steps, rank, world_size, sampling_scheme, seed)
 
-        grad_sampler = make_grad_sampler(grad_sample_mode, hooked, batch_first, loss_reduction, distributed)
+        grad_sampler = make_grad_sampler(grad_sample_mode, hooked, batch_first, loss_reduction)
         grad_sampler.batch_tag = lambda: signal.chunk_id  # each forward's chunk: accumulation across chunks shows
         _PRIVATE_MODULES.add(hooked)
 

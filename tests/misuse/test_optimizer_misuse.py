@@ -352,3 +352,16 @@ def test_detach_removes_every_hook_and_allows_make_private_again():
     _loss(model, x, y).backward()
     assert all(p.grad is not None for p in model.parameters())
     _private(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_ddp_with_a_static_graph_is_refused(tmp_path):
+    """static_graph=True cannot run with DDP's own gradient synchronisation off, which the DP reduction needs."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="static_graph"):
+            _private(DistributedDataParallel(_model(), static_graph=True))
+    finally:
+        dist.destroy_process_group()

@@ -9,14 +9,11 @@ from dptrain.grad.vmap import VmapGradSampler
 GRAD_SAMPLE_MODES = ("auto", "vmap")
 
 
-def make_grad_sampler(
-    mode: str, module: nn.Module, batch_first: bool, loss_reduction: str, distributed: bool = False
-) -> GradSampler:
+def make_grad_sampler(mode: str, module: nn.Module, batch_first: bool, loss_reduction: str) -> GradSampler:
     """The per-example gradient engine for ``mode``, attached to ``module``."""
     if mode == "auto":
-        return FastGradSampler(
-            module, batch_first=batch_first, loss_reduction=loss_reduction, check_attribution=not distributed
-        )
+        # Under DDP too: the engine turns DDP's gradient averaging off, so .grad is this rank's own batch gradient.
+        return FastGradSampler(module, batch_first=batch_first, loss_reduction=loss_reduction, check_attribution=True)
     if mode == "vmap":
         return VmapGradSampler(module, batch_first=batch_first, loss_reduction=loss_reduction)
     raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {mode!r}")

@@ -289,7 +289,8 @@ def _run_budget_history(args: argparse.Namespace) -> int:
     entries = BudgetLedger(args.ledger, create=False).history(args.name)
     lines = [
         f"{e.id:>5}  {e.created_at}  {e.status:<8}  q={e.sample_rate:g} sigma={e.noise_multiplier:g} "
-        f"steps={e.steps}/{e.planned_steps} group={e.group_size}  {e.note}"
+        f"steps={e.steps}/{e.planned_steps} group={e.group_size} {e.sampling}"
+        f"{'' if e.seed is None else f' seed={e.seed}'}  {e.note}"
         for e in entries
     ]
     _emit(

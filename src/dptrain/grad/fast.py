@@ -10,6 +10,10 @@ their own hooks. Layers without a rule that own parameters fall back to torch.fu
 layer only (nn.LSTM/GRU, custom layers, attention configurations the decomposition does not cover). A parameter
 used by several layer calls (tied embeddings, a layer applied twice) gets cross terms between the calls' factored
 gradients (``LayerRule.factors``), or, for layers without a factored form, per-example gradients summed over calls.
+
+Which dimension of a layer's input carries the examples is found at every call, from the batch size (a model may
+transpose batch-first data to (T, B, ...) inside); a call the engine cannot attribute by itself gets its gradients
+from a torch.func replay of the whole model. A parameter that receives gradient outside its layers' calls is refused.
 """
 
 from __future__ import annotations
@@ -33,10 +37,12 @@ from dptrain.grad.layers import (
     MATERIALISED,
     LayerCall,
     LayerRule,
-    cross_term,
     rule_for,
+    shared_squared_norms,
 )
 from dptrain.grad.layers.attention import attention_forward, can_decompose
+from dptrain.grad.layers.embedding import EmbeddingRule
+from dptrain.grad.layers.linear import LinearRule
 from dptrain.grad.vmap import VmapGradSampler
 
 #: Layers whose forward uses their children's parameters directly (not by calling the children), so the whole
@@ -48,16 +54,63 @@ def _batch_first_of(module: nn.Module, default: bool) -> bool:
     return bool(getattr(module, "batch_first", default)) if isinstance(module, (nn.RNNBase, nn.MultiheadAttention)) else default
 
 
-def _has_broadcast_batch(activation: torch.Tensor, batch_size: int) -> bool:
-    """A leading dimension of 1 in a batch of several: one input broadcast over the batch (GPT-2's position ids)."""
-    return batch_size > 1 and activation.dim() > 0 and activation.shape[0] == 1
+#: Where a call's examples are, besides a dimension index: a leading 1 broadcast over the batch (GPT-2's position
+#: ids), or (a learned layout only) a layer seen with its examples on different dimensions.
+_BROADCAST, _CONFLICT = -1, -2
+_UNTAGGED = object()  # the tag of a call recorded while the engine had no ``batch_tag``
 
 
-def _lacks_batch_dimension(activation: torch.Tensor, batch_size: int) -> bool:
-    """No leading batch-sized dimension (and not a (T, B, ...) layout): an input shared by all examples."""
-    if activation.dim() == 0:
-        return True
-    return activation.shape[0] != batch_size and not (activation.dim() >= 2 and activation.shape[1] == batch_size)
+def _leading_dims(rule: LayerRule, module: nn.Module, activation: torch.Tensor) -> int:
+    """How many leading dimensions of a rule layer's input its rule treats alike, so that any one of them may carry
+    the examples: those before the features (Linear, HF Conv1D), all of token ids (Embedding), those before
+    ``normalized_shape`` (LayerNorm, RMSNorm); only dim 0 of a batched input for the others (convolutions,
+    GroupNorm), whose other dimensions are channels and positions."""
+    if isinstance(rule, LinearRule):
+        return activation.dim() - 1
+    if isinstance(rule, EmbeddingRule):
+        return activation.dim()
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        return activation.dim() - len(module.normalized_shape)
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return int(activation.dim() == len(module.kernel_size) + 2)
+    return int(activation.dim() >= 2)
+
+
+def _candidate_dims(activation: torch.Tensor, leading: int, batch_size: int) -> list[int]:
+    """The leading dimensions of the batch size, and ``_BROADCAST`` for a leading 1 in a batch of several."""
+    shape = activation.shape
+    dims = [d for d in range(leading) if shape[d] == batch_size]
+    if batch_size > 1 and leading and shape[0] == 1:
+        dims.append(_BROADCAST)
+    return dims
+
+
+def _probe_verdict(dims: list[int], grad: torch.Tensor | None) -> int | None:
+    """The example dimension among ``dims`` from the gradient of one example's (example 0's) output with respect to
+    the layer's output: entries of other examples get none, so the example dimension has it at index 0 only. A
+    dimension with gradient at another index is refuted; the verdict is the one dimension not refuted (it must
+    have gradient at 0), or ``_BROADCAST`` when every dimension is refuted and a broadcast leading 1 fits. None:
+    undecided."""
+    if grad is None:
+        return None
+    used = grad != 0
+    standing = []
+    for d in dims:
+        if d != _BROADCAST:
+            along = used.movedim(d, 0).flatten(1).any(1)
+            if not along[1:].any():
+                standing.append((d, bool(along[0])))
+    if len(standing) == 1:
+        return standing[0][0] if standing[0][1] else None
+    return _BROADCAST if not standing and _BROADCAST in dims else None
+
+
+def _outside_use_error(name: str) -> RuntimeError:
+    return RuntimeError(
+        f"parameter {name} receives gradient outside its layer's forward call (e.g. its weight is used directly in "
+        "another module's forward), so the fast engine cannot attribute it to examples; nothing of this batch is "
+        "released. Use grad_sample_mode='vmap' for this model"
+    )
 
 
 def _needs_fallback(module: nn.Module) -> bool:
@@ -100,21 +153,21 @@ class _FastGradients(PerExampleGradients):
     def __init__(
         self,
         calls: list[tuple[LayerRule, LayerCall]],
+        owned: list[dict[str, nn.Parameter]],
         fallback: MaterializedGradients | None,
-        params: set[nn.Parameter],
         batch_size: int,
         scale: float = 1.0,
+        tags: frozenset = frozenset(),
     ) -> None:
-        """``scale`` multiplies the rule layers' output gradients (the batch size under a mean loss), applied to
-        the results instead of the kept tensors."""
+        """``owned``: each call's privatised parameters by name. ``scale`` multiplies the rule layers' output
+        gradients (the batch size under a mean loss), applied to the results instead of the kept tensors. ``tags``:
+        the batch tags of the calls' forward passes (the fallback's are added)."""
         self.scale = scale
         self.calls = calls
         self.fallback = fallback
         self.batch_size = batch_size
-        # Each call's privatised parameters by name, looked up once (the training step's hot path uses them thrice).
-        self.owned = [
-            {name: p for name, p in call.module.named_parameters(recurse=False) if p in params} for _, call in calls
-        ]
+        self.tags = tags | fallback.tags if fallback is not None else tags
+        self.owned = owned
         uses = Counter(p for owned in self.owned for p in owned.values())
         fallback_params = set(fallback.per_param) if fallback is not None else set()
         uses.update(list(fallback_params))
@@ -144,15 +197,21 @@ class _FastGradients(PerExampleGradients):
             self.fallback = MaterializedGradients(rest, fallback.batch_size) if rest else None
 
     def squared_norms(self) -> torch.Tensor:
-        rule_terms = [
-            sq
-            for (rule, call), owned in zip(self.calls, self.owned)
-            for name, sq in rule.squared_norms(call).items()
-            if (p := owned.get(name)) is not None and p not in self.shared
-        ]
-        for factors in self.factored.values():
-            for k, first in enumerate(factors):
-                rule_terms += [2 * cross_term(first, second) for second in factors[k + 1 :]]
+        rule_terms: list[torch.Tensor] = []
+        parts: dict[nn.Parameter, list] = {p: [] for p in self.factored}
+        own: dict[nn.Parameter, list[torch.Tensor]] = {p: [] for p in self.factored}
+        for (rule, call), owned in zip(self.calls, self.owned):
+            for name, sq in rule.squared_norms(call).items():
+                p = owned.get(name)
+                if p is None or p in self.shared:
+                    continue
+                if p in self.factored:  # own term and the call, for the certified total over the calls
+                    parts[p].append((rule, call, name))
+                    own[p].append(sq)
+                else:
+                    rule_terms.append(sq)
+        # Own terms plus twice the cross terms, certified: flagged examples are summed over the calls in float64.
+        rule_terms += [shared_squared_norms(parts[p], own[p]) for p in self.factored if parts[p]]
         other_terms = list(per_example_squared_norms(self.shared).values())
         if self.fallback is not None:
             other_terms.append(self.fallback.squared_norms())
@@ -212,10 +271,13 @@ class _FastGradients(PerExampleGradients):
 class FastGradSampler(GradSampler):
     """Book-keeping per-example clipping with per-layer rules and a per-layer torch.func fallback.
 
-    Two cases need more than a layer's own hooks. A layer applied to an input with a leading dimension of 1
-    (position ids broadcast over the batch) gets a per-example view of its output. A layer applied to an input with
-    no batch dimension at all has its parameters' per-example gradients computed by a torch.func replay of the
-    whole model, which is exact whatever the code does with the layer's output.
+    At each call of a rule layer, the dimension of its input that carries the examples is the one leading dimension
+    (``_leading_dims``) of the batch size; it is moved to dim 0 (a model may work in (T, B, ...) inside). A leading
+    1 in a batch of several (position ids broadcast over the batch) gets a per-example view of the layer's output.
+    When several dimensions fit (T == B at some step), the dimension the layer's examples were on at an earlier
+    step with only one is used; without one, that step's gradients of the layer come from a torch.func replay of
+    the whole model, exact whatever the code does with the layer's output. So do, from then on, those of a layer
+    whose input has no dimension of the batch size (an input shared by all examples).
     """
 
     def __init__(
@@ -227,11 +289,15 @@ class FastGradSampler(GradSampler):
         self.batch_dim = 0 if batch_first else 1
         self.scale_by_batch = loss_reduction == "mean"
         self.guard = ReplayGuard()
-        self._calls: list[tuple[LayerRule, LayerCall]] = []
+        self._batch_tag = None
+        # (rule, call, index of its forward pass, batch tag at that forward) for each call since the last collect.
+        self._calls: list[tuple[LayerRule, LayerCall, int, object]] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.fallbacks: list[tuple[VmapGradSampler, list[nn.Parameter]]] = []
         self.fast_layers: list[str] = []
         self._batch_size: int | None = None
+        self._forwards = 0  # forward passes of the module so far (a call's forward pass is the latest)
+        self._step_first = 1  # the first forward pass since the last collect
         self._checked_attribution = not check_attribution
         # After the first step's attribution check (and never under DDP, which expects every .grad), autograd's own
         # weight gradients of rule layers are not computed: the clipped sum replaces them. Saves a matmul per layer.
@@ -239,27 +305,64 @@ class FastGradSampler(GradSampler):
         self._may_skip_autograd_weight_grads = check_attribution
         self._suspended: dict[nn.Module, list[nn.Parameter]] = {}
         self._tap_anchor = torch.zeros((), requires_grad=True)
-        # Layers seen applied to inputs without a batch dimension, handled by a replay of the whole model.
+        # The example dimension of each (layer, input rank): from calls where only one dimension fitted, or found
+        # by a probe of the forward pass (``_probe``), whose verdicts for the current pass are kept.
+        self._learned: dict[tuple[nn.Module, int], int] = {}
+        self._verdicts: tuple[int, dict[tuple[nn.Module, int], int]] = (0, {})
+        self._probed: list | None = None  # the layer calls of a probe while it runs
+        self._probe_weights = torch.Generator().manual_seed(0)  # not the user's generator
+        # The current forward pass's (args, kwargs) and their leaves (their batch dimension is the declared one).
+        self._root_call: tuple[tuple, dict] | None = None
+        self._root_inputs: list = []
+        # Layers replayed from now on (inputs without a batch dimension); the replay records passes from _replay_from.
         self._unbatched_layers: set[nn.Module] = set()
+        self._replay_from: int | None = None
+        # Parameters of rule layers that received an autograd gradient while those are suspended: an outside use.
+        self._outside_use: set[nn.Parameter] = set()
         self._decomposed: list[nn.Module] = []
+        # Hooks are closures that check the module they were registered on: a deep copy of the model shares them
+        # (copy.deepcopy does not copy functions), and they leave the copy alone.
+        before, after = self._root_forward_hook(module)
+        self._handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
+        self._handles.append(module.register_forward_hook(after, always_call=True))
+        watched: dict[nn.Parameter, None] = {}
+        self._plan(module, "", batch_first, watched)
+        # After the layers' hooks: a model that is itself a rule layer can enable the replay in its own forward hook.
         self._root_replay = VmapGradSampler(
             module, batch_first=batch_first, loss_reduction=loss_reduction, guard=self.guard, enabled=False
         )
-        self._handles.append(module.register_forward_pre_hook(self._on_root_forward, with_kwargs=True))
-        self._plan(module, "", batch_first)
+        if check_attribution:
+            fallback_params = {p for _, owned in self.fallbacks for p in owned}
+            for p in watched:
+                if p not in fallback_params:  # a fallback layer's own forward legitimately accumulates it
+                    self._handles.append(p.register_post_accumulate_grad_hook(self._on_accumulated))
 
-    def _plan(self, module: nn.Module, path: str, batch_first: bool) -> None:
+    @property
+    def batch_tag(self):
+        """Returns the current physical chunk's id (set by the engine); passed on to the torch.func samplers."""
+        return self._batch_tag
+
+    @batch_tag.setter
+    def batch_tag(self, tag) -> None:
+        self._batch_tag = tag
+        for sampler in (self._root_replay, *(sampler for sampler, _ in self.fallbacks)):
+            sampler.batch_tag = tag
+
+    def _plan(self, module: nn.Module, path: str, batch_first: bool, watched: dict[nn.Parameter, None]) -> None:
         rule = rule_for(module)
         if rule is not None and not _needs_fallback(module):
-            if any(p.requires_grad for p in module.parameters(recurse=False)):
-                self._handles.append(module.register_forward_pre_hook(self._suspend_weight_grads))
-                self._handles.append(module.register_forward_hook(self._fast_hook(rule), always_call=True))
+            params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if params:
+                self._handles.append(module.register_forward_pre_hook(self._suspend_hook(module)))
+                self._handles.append(module.register_forward_hook(self._fast_hook(rule, module), always_call=True))
                 self.fast_layers.append(path)
+                watched.update(dict.fromkeys(params))
             return
         if isinstance(module, COMPOSITE_LAYERS):
             params = [p for p in module.parameters() if p.requires_grad]
             if params and type(module) is nn.MultiheadAttention and can_decompose(module):
                 self._decompose_attention(module, path)
+                watched.update(dict.fromkeys(params))
             elif params:
                 self._add_fallback(module, params, batch_first)
             return
@@ -267,7 +370,7 @@ class FastGradSampler(GradSampler):
         if direct:
             self._add_fallback(module, direct, batch_first)
         for name, child in module.named_children():
-            self._plan(child, f"{path}.{name}" if path else name, batch_first)
+            self._plan(child, f"{path}.{name}" if path else name, batch_first, watched)
 
     def _add_fallback(self, module: nn.Module, params: list[nn.Parameter], batch_first: bool) -> None:
         kwarg_dims, arg_dims = None, None
@@ -286,29 +389,53 @@ class FastGradSampler(GradSampler):
         )
         self.fallbacks.append((sampler, params))
 
-    def _on_root_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.guard.active:
-            return
-        for leaf in torch.utils._pytree.tree_flatten((args, kwargs))[0]:
-            if isinstance(leaf, torch.Tensor) and leaf.dim() > self.batch_dim:
-                self._batch_size = leaf.shape[self.batch_dim]
+    def _root_forward_hook(self, root: nn.Module):
+        def on_root_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if module is not root or self.guard.active:
                 return
+            self._forwards += 1
+            self._root_call = (args, kwargs)
+            self._root_inputs = torch.utils._pytree.tree_flatten((args, kwargs))[0]
+            for leaf in self._root_inputs:
+                if isinstance(leaf, torch.Tensor) and leaf.dim() > self.batch_dim:
+                    self._batch_size = leaf.shape[self.batch_dim]
+                    return
 
-    def _suspend_weight_grads(self, module: nn.Module, args: tuple) -> None:
-        """Before a rule layer's forward: stop autograd from also building the layer's parameter gradients (the
-        clipped sum replaces them); the forward hook makes sure the backward pass still reaches the output."""
-        if not self._skip_autograd_weight_grads or self.guard.active or not torch.is_grad_enabled():
-            return
-        params = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        for p in params:
-            p.requires_grad_(False)
-        self._suspended[module] = params
+        def after_root_forward(module: nn.Module, args: tuple, output) -> None:
+            if module is root and not self.guard.active:
+                self._root_call, self._root_inputs = None, []
 
-    def _fast_hook(self, rule: LayerRule):
+        return on_root_forward, after_root_forward
+
+    def _suspend_hook(self, layer: nn.Module):
+        def suspend(module: nn.Module, args: tuple) -> None:
+            """Before a rule layer's forward: stop autograd from also building the layer's parameter gradients (the
+            clipped sum replaces them); the forward hook makes sure the backward pass still reaches the output."""
+            skip = self._skip_autograd_weight_grads and not self.guard.active and torch.is_grad_enabled()
+            if module is not layer or not skip:
+                return
+            params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            for p in params:
+                p.requires_grad_(False)
+            self._suspended[module] = params
+
+        return suspend
+
+    def _on_accumulated(self, p: nn.Parameter) -> None:
+        """A rule layer's parameter got an autograd gradient: while those are suspended, from a use outside the
+        layer's calls (refused at collect, unless the parameter is replayed)."""
+        if self._skip_autograd_weight_grads and not self.guard.active:
+            self._outside_use.add(p)
+
+    def _fast_hook(self, rule: LayerRule, layer: nn.Module):
         def on_forward(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            if module is not layer:
+                return None
             suspended = self._suspended.pop(module, ())
             for p in suspended:  # runs even when forward raised (always_call)
                 p.requires_grad_(True)
+            if self._probed is not None and args and isinstance(output, torch.Tensor):
+                self._probed.append((module, args[0], output))
             if self.guard.active or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
                 return None
             replaced = None
@@ -318,32 +445,110 @@ class FastGradSampler(GradSampler):
                 # The input carries no gradient (a first layer) and the parameters were suspended: route the
                 # output through a tap so that the backward pass still delivers its gradient.
                 replaced = output = _OutputGradientTap.apply(output, self._tap_anchor)
-            activation = args[0].detach()
-            if self.batch_dim != 0:
-                activation = activation.movedim(self.batch_dim, 0)
             batch_size = self._batch_size
             if batch_size is None or module in self._unbatched_layers:
                 return replaced
-            broadcast = _has_broadcast_batch(activation, batch_size)
-            if broadcast or _lacks_batch_dimension(activation, batch_size):
-                if self.batch_dim != 0 or not broadcast:
-                    # The output's gradient is summed over examples by whatever code broadcasts it: only a replay
-                    # of the whole model can attribute it.
-                    self._replay_whole_model(module)
-                    return replaced
-                # A leading 1 broadcast over the batch: give each example its own view of the output, so the
-                # backward pass yields per-example output gradients; broadcasting sees the same values.
+            if not args or not isinstance(args[0], torch.Tensor):  # called with keywords: the replay attributes it
+                self._replay_whole_model(module)
+                return replaced
+            activation = args[0].detach()
+            dim = self._example_dim(rule, module, activation, output, batch_size)
+            if dim is None:
+                return replaced
+            if dim == _BROADCAST:
+                # Give each example its own view of the output, so that the backward pass yields per-example output
+                # gradients; broadcasting sees the same values.
                 activation = activation.expand(batch_size, *activation.shape[1:])
                 replaced = output = output.expand(batch_size, *output.shape[1:])
-            self._record(rule, module, activation, output, self.batch_dim)
+                dim = 0
+            elif dim != 0:
+                activation = activation.movedim(dim, 0)
+            self._record(rule, module, activation, output, dim)
             return replaced
 
         return on_forward
 
+    def _example_dim(
+        self, rule: LayerRule, module: nn.Module, activation: torch.Tensor, output: torch.Tensor, batch_size: int
+    ) -> int | None:
+        """The dimension of this call's input (and output) that carries the examples, or ``_BROADCAST``; None when
+        the call's gradients come from the replay of the whole model instead (never a guess)."""
+        dims = _candidate_dims(activation, _leading_dims(rule, module, activation), batch_size)
+        if batch_size <= 1 and dims:
+            return dims[0]  # no or one example: every fitting dimension attributes the same
+        key = (module, activation.dim())
+        if len(dims) == 1:
+            if self._learned.setdefault(key, dims[0]) != dims[0]:
+                self._learned[key] = _CONFLICT
+            return dims[0]
+        if not dims:
+            self._replay_whole_model(module)
+            return None
+        learned = self._learned.get(key)
+        if learned in dims:
+            return learned
+        if self.batch_dim in dims and self._is_root_input(activation):
+            verdict = self.batch_dim
+        else:
+            forward, verdicts = self._verdicts
+            if forward != self._forwards and self._root_call is not None:
+                verdicts = self._probe(batch_size)
+                self._verdicts = (self._forwards, verdicts)
+            verdict = verdicts.get(key)
+        if verdict not in dims:  # undecided (or called outside the model's forward): the replay attributes it
+            self._replay_whole_model(module)
+            return None
+        if learned is None:
+            self._learned[key] = verdict
+        return verdict
+
+    def _is_root_input(self, activation: torch.Tensor) -> bool:
+        """Whether ``activation`` is one of the module's inputs (the same elements in the same layout)."""
+        return any(
+            isinstance(t, torch.Tensor) and t.data_ptr() == activation.data_ptr() and t.dtype == activation.dtype
+            and t.shape == activation.shape and t.stride() == activation.stride()
+            for t in self._root_inputs
+        )
+
+    def _probe(self, batch_size: int) -> dict[tuple[nn.Module, int], int]:
+        """Which dimension carries the examples at each rule layer, where several fit: the current forward pass run
+        again (random generators forked, so the user's stream and dropout are unaffected; no hook records) and the
+        gradient of example 0's outputs taken with respect to every rule layer's output (``_probe_verdict``)."""
+        args, kwargs = self._root_call
+        leaves = [t for t in self._root_inputs if isinstance(t, torch.Tensor)]
+        cuda = sorted({t.device.index for t in leaves if t.is_cuda})
+        self._probed = []
+        try:
+            with torch.random.fork_rng(devices=cuda), self.guard.replaying(), torch.enable_grad():
+                outputs = torch.utils._pytree.tree_flatten(self.module(*args, **kwargs))[0]
+                firsts = [
+                    t.select(self.batch_dim, 0) for t in outputs
+                    if isinstance(t, torch.Tensor) and t.requires_grad and t.dim() > self.batch_dim
+                    and t.shape[self.batch_dim] == batch_size
+                ]
+                probed = [(m, a, o) for m, a, o in self._probed if o.requires_grad]
+                if not firsts or not probed:
+                    return {}
+                weights = [torch.rand(t.shape, generator=self._probe_weights).to(t) for t in firsts]
+                target = sum((t * w).sum() for t, w in zip(firsts, weights))
+                grads = torch.autograd.grad(target, [o for _, _, o in probed], allow_unused=True)
+        finally:
+            self._probed = None
+        verdicts: dict[tuple[nn.Module, int], int | None] = {}
+        for (module, activation, _), grad in zip(probed, grads):
+            dims = _candidate_dims(activation, _leading_dims(rule_for(module), module, activation), batch_size)
+            if len(dims) > 1:
+                key, verdict = (module, activation.dim()), _probe_verdict(dims, grad)
+                verdicts[key] = verdict if verdicts.get(key, verdict) == verdict else None  # calls must agree
+        return {key: v for key, v in verdicts.items() if v is not None}
+
     def _record(
         self, rule: LayerRule, module: nn.Module, activation: torch.Tensor, output: torch.Tensor, batch_dim: int
     ) -> None:
-        """Keep ``activation`` (batch first) and, once the backward pass reaches it, the gradient of ``output``."""
+        """Keep ``activation`` (batch first) and, once the backward pass reaches it, the gradient of ``output``;
+        the call's forward pass and batch tag are those of now."""
+        forward = self._forwards
+        tag = self._batch_tag() if self._batch_tag is not None else _UNTAGGED
 
         def on_output_grad(grad: torch.Tensor) -> None:
             g = grad.detach()
@@ -355,22 +560,27 @@ class FastGradSampler(GradSampler):
                 call.materialised = rule.per_example(call)
                 call.activation = call.output_grad = None  # no longer needed: free them before step()
                 call_rule = MATERIALISED
-            self._calls.append((call_rule, call))
+            self._calls.append((call_rule, call, forward, tag))
 
         output.register_hook(on_output_grad)
 
     def _replay_whole_model(self, module: nn.Module) -> None:
         """From now on, ``module``'s parameters get their per-example gradients from a replay of the whole model."""
         self._unbatched_layers.update(module.modules())
-        self._root_replay.enabled = True
+        if self._replay_from is None:  # it records forward passes from the current one on
+            self._replay_from = self._forwards
+            self._root_replay.enabled = True
 
     def _recorded_linear(
         self, rule: LayerRule, module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
         """F.linear inside a decomposed layer (batch-first ``x``), recorded for ``rule`` like a rule layer's call."""
-        if self._skip_autograd_weight_grads and x.requires_grad:
+        skip = self._skip_autograd_weight_grads
+        if skip:
             weight, bias = weight.detach(), (bias.detach() if bias is not None else None)
         output = F.linear(x, weight, bias)
+        if skip and not output.requires_grad:
+            output = _OutputGradientTap.apply(output, self._tap_anchor)
         if output.requires_grad:
             self._record(rule, module, x.detach(), output, 0)
         return output
@@ -379,14 +589,14 @@ class FastGradSampler(GradSampler):
         """Run ``module`` as its pieces (``attention_forward``) so its projections go through the Linear rule.
 
         Calls the engine cannot attribute by themselves (unbatched inputs, another batch size) use the module's own
-        forward and a replay of the whole model; so do replays and passes without gradient.
+        forward and a replay of the whole model; so do replays, passes without gradient and deep copies.
         """
         original = nn.MultiheadAttention.forward
 
         def forward(attention: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     *args, **kwargs):
-            skip = self.guard.active or not torch.is_grad_enabled() or self._batch_size is None
-            if skip or attention in self._unbatched_layers:
+            skip = attention is not module or self.guard.active or not torch.is_grad_enabled()
+            if skip or self._batch_size is None or attention in self._unbatched_layers:
                 return original(attention, query, key, value, *args, **kwargs)
             batch = query.shape[0 if attention.batch_first else 1] if query.dim() == 3 else None
             if batch != self._batch_size:
@@ -395,21 +605,51 @@ class FastGradSampler(GradSampler):
             return attention_forward(attention, self._recorded_linear, query, key, value, *args, **kwargs)
 
         # An instance attribute, so nn.Module.__call__ runs it instead of the class's forward; a bound method, so a
-        # deep copy of the model binds it to the copy.
+        # deep copy of the model binds it to the copy (which then runs the class's forward).
         module.forward = types.MethodType(forward, module)
         self._decomposed.append(module)
         self.fast_layers.append(path)
 
     def collect(self, params: list[nn.Parameter]) -> PerExampleGradients | None:
         wanted = set(params)
-        calls = [(rule, call) for rule, call in self._calls if call.module not in self._unbatched_layers]
-        self._calls = []
+        pending, self._calls = self._calls, []
+        outside, self._outside_use = self._outside_use, set()
+        replay_from, step_first = self._replay_from, self._step_first
+        self._step_first = self._forwards + 1
+        if not self._unbatched_layers:
+            self._replay_from, self._root_replay.enabled = None, False
+        else:
+            self._replay_from = 0  # it records every forward pass of the next steps
         replayed = {p for m in self._unbatched_layers for p in m.parameters(recurse=False) if p in wanted}
+        if outside & wanted - replayed:
+            self.discard()
+            names = {p: n for n, p in self.module.named_parameters()}
+            raise _outside_use_error(", ".join(sorted(names.get(p, "?") for p in outside & wanted - replayed)))
+        # The replay gives the replayed parameters' whole gradient for the forward passes it recorded: the calls of
+        # those passes do not contribute to them.
+        calls, owned, tags = [], [], set()
+        for rule, call, forward, tag in pending:
+            if tag is not _UNTAGGED:
+                tags.add(tag)
+            late = replay_from is not None and forward >= replay_from
+            if late and call.module in self._unbatched_layers:
+                continue
+            mine = {n: p for n, p in call.module.named_parameters(recurse=False) if p in wanted}
+            calls.append((rule, call))
+            owned.append({n: p for n, p in mine.items() if p not in replayed} if late else mine)
+        tied = replayed.intersection(p for _, owned_params in self.fallbacks for p in owned_params)
+        if tied and replay_from is not None and replay_from > step_first:
+            self.discard()
+            raise RuntimeError(
+                "a parameter shared with a layer without a rule is used by a layer that needs the whole-model replay "
+                "from the second of several forward passes before one optimizer.step(), which the replay cannot "
+                "attribute; call optimizer.step() after each forward and backward pass, or use grad_sample_mode='vmap'"
+            )
         fallback: MaterializedGradients | None = None
         units = [(sampler, owned) for sampler, owned in self.fallbacks]
         units.append((self._root_replay, list(replayed)))
-        for sampler, owned in units:
-            mine = [p for p in owned if p in wanted]
+        for sampler, owned_params in units:
+            mine = [p for p in owned_params if p in wanted and (sampler is self._root_replay or p not in replayed)]
             if not mine:
                 sampler.discard()
                 continue
@@ -423,8 +663,9 @@ class FastGradSampler(GradSampler):
             raise RuntimeError(f"layers saw different batch sizes {sorted(sizes)} before one optimizer.step()")
         batch_size = sizes.pop()
         if batch_size == 0:  # an empty Poisson batch: no example, nothing to clip
-            return MaterializedGradients({p: p.new_zeros((0, *p.shape)) for p in params}, 0)
-        grads = _FastGradients(calls, fallback, wanted, batch_size, float(batch_size) if self.scale_by_batch else 1.0)
+            return MaterializedGradients({p: p.new_zeros((0, *p.shape)) for p in params}, 0, tags)
+        scale = float(batch_size) if self.scale_by_batch else 1.0
+        grads = _FastGradients(calls, owned, fallback, batch_size, scale, frozenset(tags))
         if not self._checked_attribution:
             self._check_attribution(grads, wanted)
             self._checked_attribution = True
@@ -435,7 +676,9 @@ class FastGradSampler(GradSampler):
         """On the first step, check that the per-example gradients add up to autograd's batch gradient.
 
         A parameter also used outside its layer's forward call (``F.linear(h, self.embed.weight)`` in a parent)
-        would otherwise lose that part of its gradient silently, unclipped and unaccounted.
+        would otherwise lose that part of its gradient silently, unclipped and unaccounted. From the second step,
+        when autograd's gradients of rule layers are suspended, any autograd gradient they get is such a use
+        (``_on_accumulated``).
         """
         scale = 1.0 / grads.batch_size if self.scale_by_batch else 1.0
         ones = torch.full((grads.batch_size,), scale)
@@ -451,14 +694,13 @@ class FastGradSampler(GradSampler):
             total = torch.zeros_like(p) if total is None else total.to(p.grad.dtype)
             tolerance = 1e-3 * max(float(p.grad.abs().max()), 1e-12) + 1e-6
             if not torch.allclose(total, p.grad, rtol=1e-3, atol=tolerance):
-                raise RuntimeError(
-                    f"parameter {names.get(p, '?')} receives gradient outside its layer's forward call (e.g. its "
-                    "weight is used directly in another module's forward), so the fast engine cannot attribute it "
-                    "to examples; use grad_sample_mode='vmap' for this model"
-                )
+                raise _outside_use_error(names.get(p, "?"))
 
     def discard(self) -> None:
+        """Drop pending calls and records. Layers replayed for this step stay so until collect: the backward pass
+        of a forward pass that ran before the discard still delivers to the replay, not to the layers' calls."""
         self._calls = []
+        self._outside_use = set()
         self._root_replay.discard()
         for sampler, _ in self.fallbacks:
             sampler.discard()

@@ -11,6 +11,11 @@ a (B, L, D) and output gradient g (B, P, L) per group, ||G_i||^2 = sum_{l,m} (a_
 the input unfolded into patches once, in ``squared_norms`` only. The ghost form is used where it takes fewer multiply-adds,
 as for nn.Linear. (Measured on CPU for Opacus' MNIST CNN's second conv, where the two are within 15% in
 multiply-adds, ghost with its unfold and materialisation by the grouped kernel run equally fast.)
+
+Norms computed apart from the clipped sum (the ghost form, and per-example gradients materialised in
+``squared_norms`` only) carry a rounding bound (``dptrain.grad.layers``); an example it does not certify has its
+weight gradient formed in float64, for its norm and its part of the clipped sum alike. Everything is computed in at
+least float32.
 """
 
 from __future__ import annotations
@@ -21,15 +26,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dptrain.grad.layers import LayerCall, LayerRule, register_rule, trainable
-from dptrain.grad.layers.linear import ghost_is_cheaper, ghost_norms
+from dptrain.grad.layers import (
+    LayerCall,
+    LayerRule,
+    add_exact,
+    certified_gram_sum,
+    dense_exact,
+    fast_weights,
+    register_rule,
+    rounding_factor,
+    trainable,
+    uncertain,
+    upcast,
+)
+from dptrain.grad.layers.linear import ghost_is_cheaper
 
 
 def _padded_input(call: LayerCall) -> tuple[torch.Tensor, list[int]]:
     """The input and the zero padding to pass to the convolution kernel: the layer's padding when it is zero padding
     on both sides alike, else the input padded here (reflect, replicate, circular, 'same' with an even kernel)."""
     m = call.module
-    x = call.activation
+    x = upcast(call.activation)
     pads = m._reversed_padding_repeated_twice  # (last dim left, right, previous dim left, right, ...)
     if m.padding_mode == "zeros" and all(pads[k] == pads[k + 1] for k in range(0, len(pads), 2)):
         return x, list(reversed(pads[0::2]))
@@ -40,13 +57,13 @@ def _padded_input(call: LayerCall) -> tuple[torch.Tensor, list[int]]:
 def _weight_grad(call: LayerCall, x: torch.Tensor, padding: list[int], g: torch.Tensor, per_example: bool):
     """Weight gradient of the layer for output gradient g: summed over the batch, or per example (B, *weight.shape)."""
     m = call.module
-    weight = m.weight.detach()
+    weight = x.new_empty(1).expand(m.weight.shape)  # only its shape is read
     groups = m.groups
     if per_example:
         batch = x.shape[0]
         x = x.reshape(1, batch * x.shape[1], *x.shape[2:])
         g = g.reshape(1, batch * g.shape[1], *g.shape[2:])
-        weight = weight.new_empty(1).expand(batch * weight.shape[0], *weight.shape[1:])  # only its shape is read
+        weight = weight.new_empty(1).expand(batch * weight.shape[0], *weight.shape[1:])
         groups = batch * groups
     grad = torch.ops.aten.convolution_backward(
         g,
@@ -72,7 +89,7 @@ def _patches_and_grads(call: LayerCall) -> tuple[torch.Tensor, torch.Tensor]:
     """
     m = call.module
     mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-    x = F.pad(call.activation, m._reversed_padding_repeated_twice, mode=mode)
+    x = F.pad(upcast(call.activation), m._reversed_padding_repeated_twice, mode=mode)
     spatial = x.dim() - 2
     for k in range(spatial):  # appends one window dimension per spatial dimension
         x = x.unfold(2 + k, m.dilation[k] * (m.kernel_size[k] - 1) + 1, m.stride[k])
@@ -82,13 +99,26 @@ def _patches_and_grads(call: LayerCall) -> tuple[torch.Tensor, torch.Tensor]:
     positions = range(3, 3 + spatial)
     patches = x.permute(0, 1, *positions, 2, *range(3 + spatial, 3 + 2 * spatial))
     patches = patches.reshape(batch, groups, math.prod(x.shape[3 : 3 + spatial]), -1)
-    g = call.output_grad.reshape(batch, groups, m.out_channels // groups, -1)
+    g = upcast(call.output_grad).reshape(batch, groups, m.out_channels // groups, -1)
     return patches, g
 
 
 def _bias_grads(call: LayerCall) -> torch.Tensor:
     """Per-example bias gradients (B, out_channels)."""
-    return call.output_grad.flatten(2).sum(-1)
+    return upcast(call.output_grad).flatten(2).sum(-1)
+
+
+def _spread(call: LayerCall, x: torch.Tensor, padding: list[int]) -> torch.Tensor:
+    """S_i = sum over groups and positions of ||patch|| ||output gradient||, per example: the patches' squared
+    norms are one convolution of x^2 with a kernel of ones, one output channel per group."""
+    m = call.module
+    ones = x.new_ones(m.groups, x.shape[1] // m.groups, *m.kernel_size)
+    patch_sq = torch.ops.aten.convolution(
+        x.square(), ones, None, list(m.stride), padding, list(m.dilation), False, [0] * len(padding), m.groups
+    )
+    batch = x.shape[0]
+    g = upcast(call.output_grad).reshape(batch, m.groups, m.out_channels // m.groups, -1)
+    return (patch_sq.reshape(batch, m.groups, -1).clamp(min=0).sqrt() * g.norm(dim=2)).sum((1, 2))
 
 
 class ConvRule(LayerRule):
@@ -109,30 +139,54 @@ class ConvRule(LayerRule):
     def materialises(self, call: LayerCall) -> bool:
         return trainable(call.module, "weight") and not self._ghost(call)
 
+    def _weight_norms(self, call: LayerCall) -> tuple[torch.Tensor, torch.Tensor]:
+        """Squared weight-gradient norms and their rounding bounds."""
+        if self._ghost(call):
+            patches, g = _patches_and_grads(call)
+            value, bound = certified_gram_sum((patches, g.transpose(-1, -2)), (patches, g.transpose(-1, -2)), True)
+            return value.sum(1).to(patches.dtype), bound.sum(1)
+        x, padding = _padded_input(call)
+        grads = _weight_grad(call, x, padding, upcast(call.output_grad), per_example=True).flatten(1)
+        sq = torch.linalg.vecdot(grads, grads)
+        # Formed over P positions, each gradient is within gamma_P S_i of the exact one; the clipped sum forms it anew.
+        spread = rounding_factor(call.output_grad[0, 0].numel(), sq.dtype) * _spread(call, x, padding)
+        return sq, 2 * spread * sq.sqrt() + spread.square() + sq * rounding_factor(grads.shape[1], sq.dtype)
+
     def squared_norms(self, call: LayerCall) -> dict[str, torch.Tensor]:
         m = call.module
         out = {}
         if trainable(m, "weight"):
-            if self._ghost(call):
-                patches, g = _patches_and_grads(call)
-                out["weight"] = ghost_norms(patches, g.transpose(-1, -2)).sum(1)
-            else:
+            sq, bound = self._weight_norms(call)
+            flagged = uncertain(sq, bound)
+            if bool(flagged.any()):
+                index = flagged.nonzero().flatten()
                 x, padding = _padded_input(call)
-                grads = _weight_grad(call, x, padding, call.output_grad, per_example=True).flatten(1)
-                out["weight"] = torch.linalg.vecdot(grads, grads)
+                g = upcast(call.output_grad)[index].to(torch.float64)
+                grads = _weight_grad(call, x[index].to(torch.float64), padding, g, per_example=True)
+                sq = sq.clone()
+                sq[index] = grads.flatten(1).square().sum(1).to(sq.dtype)
+                bound = torch.where(flagged, 0.0, bound)
+                call.exact["weight"] = dense_exact(index, grads)
+            out["weight"] = sq
+            call.bounds["weight"] = bound
         if trainable(m, "bias"):
-            out["bias"] = _bias_grads(call).pow(2).sum(1)
+            # The clipped sum uses this same float32 sum over positions: the norm is that of what is released.
+            sq = _bias_grads(call).square().sum(1)
+            out["bias"] = sq
+            call.bounds["bias"] = sq * rounding_factor(m.out_channels, sq.dtype)
         return out
 
     def weighted_sum(self, call: LayerCall, weights: torch.Tensor) -> dict[str, torch.Tensor]:
-        g = call.output_grad
-        weighted = g * weights.to(g.dtype).view(-1, *([1] * (g.dim() - 1)))
+        g = upcast(call.output_grad)
+        weights = weights.to(g.dtype)
         out = {}
         if trainable(call.module, "weight"):
+            w = fast_weights(call, "weight", weights)
             x, padding = _padded_input(call)
-            out["weight"] = _weight_grad(call, x, padding, weighted, per_example=False)
+            out["weight"] = _weight_grad(call, x, padding, g * w.view(-1, *([1] * (g.dim() - 1))), per_example=False)
+            add_exact(call, "weight", weights, out["weight"])
         if trainable(call.module, "bias"):
-            out["bias"] = weighted.flatten(2).sum((0, 2))
+            out["bias"] = fast_weights(call, "bias", weights) @ _bias_grads(call)
         return out
 
 

@@ -3,6 +3,10 @@
 ||G_i||^2 = sum_{t,s : id_t = id_s} g_t . g_s, from token-id equality in O(T^2 d) without a (vocab x d) tensor;
 when no id repeats within an example (position ids) it is sum_t ||g_t||^2.
 Positions holding ``padding_idx`` get no gradient, as in nn.Embedding's own backward.
+
+The token-equality sum is signed (two occurrences of a token with opposite gradients cancel), and computed apart
+from the clipped sum (a scatter-add), so it carries a rounding bound (``dptrain.grad.layers``): an example it does
+not certify has its gradient's rows for its own tokens formed in float64, for its norm and its clipped sum alike.
 """
 
 from __future__ import annotations
@@ -10,17 +14,46 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dptrain.grad.layers import LayerCall, LayerRule, register_rule, trainable
+from dptrain.grad.layers import (
+    ExactPart,
+    LayerCall,
+    LayerRule,
+    add_exact,
+    certified_gram_sum,
+    fast_weights,
+    register_rule,
+    rounding_factor,
+    trainable,
+    uncertain,
+    upcast,
+)
 
 
 def _ids_and_grads(call: LayerCall) -> tuple[torch.Tensor, torch.Tensor]:
     batch = call.batch_size
     ids = call.activation.reshape(batch, -1)
-    g = call.output_grad.reshape(batch, ids.shape[1], -1)
+    g = upcast(call.output_grad.reshape(batch, ids.shape[1], -1))
     padding_idx = call.module.padding_idx
     if padding_idx is not None:
         g = g * (ids != padding_idx).unsqueeze(-1).to(g.dtype)
     return ids, g
+
+
+def _exact_rows(ids: torch.Tensor, g: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, ExactPart]:
+    """Squared norms (float64) of the examples ``index`` and their exact part, each example's gradient kept as the
+    float64 rows of its distinct tokens only (a vocabulary-sized tensor per example would not fit)."""
+    rows = []
+    for i in index.tolist():
+        tokens, inverse = torch.unique(ids[i], return_inverse=True)
+        summed = g.new_zeros(len(tokens), g.shape[-1], dtype=torch.float64).index_add_(0, inverse, g[i].double())
+        rows.append((tokens, summed))
+    norms = torch.stack([summed.square().sum() for _, summed in rows])
+
+    def add(weights: torch.Tensor, into: torch.Tensor) -> None:
+        for weight, (tokens, summed) in zip(weights.tolist(), rows):
+            into.index_add_(0, tokens, (weight * summed).to(into.dtype))
+
+    return norms, ExactPart(index, add)
 
 
 class EmbeddingRule(LayerRule):
@@ -44,17 +77,30 @@ class EmbeddingRule(LayerRule):
             return {}
         ids, g = _ids_and_grads(call)
         if bool((ids.sort(dim=1).values.diff(dim=1) != 0).all()):  # no id twice in an example (position ids)
-            return {"weight": g.pow(2).sum((1, 2))}
-        same_id = (ids[:, :, None] == ids[:, None, :]).to(g.dtype)
-        return {"weight": (same_id * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))}
+            sq = g.square().sum((1, 2))  # a sum of squares, and each row is released as it is
+            call.bounds["weight"] = sq * rounding_factor(g[0].numel(), sq.dtype)
+            return {"weight": sq}
+        value, bound = certified_gram_sum((ids, g), (ids, g), same=True)
+        sq = value.to(g.dtype)
+        flagged = uncertain(sq, bound)
+        if bool(flagged.any()):
+            index = flagged.nonzero().flatten()
+            norms, call.exact["weight"] = _exact_rows(ids, g, index)
+            sq[index] = norms.to(sq.dtype)
+            bound = torch.where(flagged, 0.0, bound)
+        call.bounds["weight"] = bound
+        return {"weight": sq}
 
     def weighted_sum(self, call: LayerCall, weights: torch.Tensor) -> dict[str, torch.Tensor]:
         if not trainable(call.module, "weight"):
             return {}
         ids, g = _ids_and_grads(call)
-        weighted = (g * weights.to(g.dtype)[:, None, None]).reshape(-1, g.shape[-1])
+        weights = weights.to(g.dtype)
+        weighted = (g * fast_weights(call, "weight", weights)[:, None, None]).reshape(-1, g.shape[-1])
         total = g.new_zeros(call.module.num_embeddings, g.shape[-1])
-        return {"weight": total.index_add_(0, ids.flatten(), weighted)}
+        total.index_add_(0, ids.flatten(), weighted)
+        add_exact(call, "weight", weights, total)
+        return {"weight": total}
 
 
 register_rule(nn.Embedding)(EmbeddingRule)

@@ -3,44 +3,48 @@
 Input a (B, T, d), output gradient g (B, T, p): example i's weight gradient is G_i = sum_t g_it a_it^T.
 ||G_i||^2 = sum_{t,s} (a_it . a_is)(g_it . g_is) costs O(T^2 (d + p)) per example (ghost norm, Li et al. 2022);
 materialising G_i costs O(T d p). The clipped sum sum_i c_i G_i = (c * g)^T a needs neither (book-keeping).
+
+Both the ghost norm and a norm of G_i materialised here are computed apart from the clipped sum, so each comes with
+a rounding bound (``dptrain.grad.layers``); an example whose norm it does not certify has its G_i formed in float64,
+for its norm and its part of the clipped sum alike.
 """
 
 from __future__ import annotations
 
 import torch
-
-from dptrain.grad.layers import LayerCall, LayerRule, register_rule, register_rule_by_name, trainable
 from torch import nn
+
+from dptrain.grad.layers import (
+    SYMMETRIC_BLOCKS_FROM,
+    LayerCall,
+    LayerRule,
+    add_exact,
+    certified_gram_sum,
+    compute_dtype,
+    dense_exact,
+    fast_weights,
+    register_rule,
+    register_rule_by_name,
+    rounding_factor,
+    trainable,
+    uncertain,
+    upcast,
+)
+
+__all__ = ["SYMMETRIC_BLOCKS_FROM", "LinearRule", "ghost_is_cheaper", "ghost_norms"]
 
 
 def _as_sequence(call: LayerCall) -> tuple[torch.Tensor, torch.Tensor]:
-    """Activation (B, T, d) and output gradient (B, T, p), with every middle dimension folded into T."""
+    """Activation (B, T, d) and output gradient (B, T, p) in at least float32, every middle dimension folded into T."""
     batch = call.batch_size
-    a = call.activation.reshape(batch, -1, call.activation.shape[-1])
-    g = call.output_grad.reshape(batch, -1, call.output_grad.shape[-1])
+    a = upcast(call.activation.reshape(batch, -1, call.activation.shape[-1]))
+    g = upcast(call.output_grad.reshape(batch, -1, call.output_grad.shape[-1]))
     return a, g
 
 
-#: Sequences at least this long have their ghost Gram matrices computed in symmetric blocks.
-SYMMETRIC_BLOCKS_FROM = 32
-
-
 def ghost_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """sum_{t,s} (a_t . a_s)(g_t . g_s) per example, for a (..., T, d) and g (..., T, p).
-
-    Both Gram matrices are symmetric, so for long sequences the sum is taken over the two diagonal blocks plus twice
-    one off-diagonal block: three quarters of the multiply-adds of the full Grams.
-    """
-    steps = a.shape[-2]
-
-    def block(x: torch.Tensor, y: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return (torch.matmul(x, y.transpose(-1, -2)) * torch.matmul(u, v.transpose(-1, -2))).sum((-1, -2))
-
-    if steps < SYMMETRIC_BLOCKS_FROM:
-        return block(a, a, g, g)
-    half = steps // 2
-    a1, a2, g1, g2 = a[..., :half, :], a[..., half:, :], g[..., :half, :], g[..., half:, :]
-    return block(a1, a1, g1, g1) + block(a2, a2, g2, g2) + 2 * block(a1, a2, g1, g2)
+    """sum_{t,s} (a_t . a_s)(g_t . g_s) per example, for a (..., T, d) and g (..., T, p) (without its bound)."""
+    return certified_gram_sum((a, g), (a, g), same=True)[0].to(compute_dtype(a.dtype))
 
 
 def ghost_is_cheaper(steps: int, d_in: int, d_out: int) -> bool:
@@ -90,40 +94,74 @@ class LinearRule(LayerRule):
             return g, g.new_ones(*g.shape[:2], 1)
         return None
 
+    def _weight_norms(self, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Squared weight-gradient norms and their rounding bounds, by whichever of the three forms is cheapest."""
+        steps, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
+        if steps == 1:  # a product of two sums of squares: nothing cancels
+            sq = a[:, 0].square().sum(1) * g[:, 0].square().sum(1)
+            return sq, sq * (rounding_factor(d_in, sq.dtype) + rounding_factor(d_out, sq.dtype))
+        if ghost_is_cheaper(steps, d_in, d_out):
+            value, bound = certified_gram_sum((a, g), (a, g), same=True)
+            return value.to(a.dtype), bound
+        # G_i formed in float32 is within gamma_T S_i of the exact one (S_i = sum_t ||a_t|| ||g_t||), and the clipped
+        # sum forms it anew: the squared norm is certified to 2 gamma_T S_i ||G_i|| + (gamma_T S_i)^2.
+        sq = self._weight_grads(a, g).flatten(1).square().sum(1)
+        spread = rounding_factor(steps, a.dtype) * (a.norm(dim=2) * g.norm(dim=2)).sum(1)
+        return sq, 2 * spread * sq.sqrt() + spread.square() + sq * rounding_factor(d_in * d_out, a.dtype)
+
+    def _exact_weight_grads(self, call: LayerCall, a: torch.Tensor, g: torch.Tensor, index: torch.Tensor):
+        """The weight gradients (k, *weight.shape) of the examples ``index`` in float64."""
+        return self._weight_grads(a[index].to(torch.float64), g[index].to(torch.float64))
+
     def squared_norms(self, call: LayerCall) -> dict[str, torch.Tensor]:
         a, g = _as_sequence(call)
         out = {}
         if trainable(call.module, self.weight):
-            steps, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
-            if steps == 1:
-                out[self.weight] = a[:, 0].pow(2).sum(1) * g[:, 0].pow(2).sum(1)
-            elif ghost_is_cheaper(steps, d_in, d_out):
-                out[self.weight] = ghost_norms(a, g)
-            else:
-                out[self.weight] = self._weight_grads(a, g).flatten(1).pow(2).sum(1)
+            sq, bound = self._weight_norms(a, g)
+            flagged = uncertain(sq, bound)
+            if bool(flagged.any()):
+                index = flagged.nonzero().flatten()
+                grads = self._exact_weight_grads(call, a, g, index)
+                sq = sq.clone()
+                sq[index] = grads.flatten(1).square().sum(1).to(sq.dtype)
+                bound = torch.where(flagged, 0.0, bound)
+                call.exact[self.weight] = dense_exact(index, grads)
+            out[self.weight] = sq
+            call.bounds[self.weight] = bound
         if trainable(call.module, self.bias):
-            out[self.bias] = g.sum(1).pow(2).sum(1)
+            # The clipped sum uses this same float32 sum_t g_t: the norm is that of what is released.
+            sq = g.sum(1).square().sum(1)
+            out[self.bias] = sq
+            call.bounds[self.bias] = sq * rounding_factor(g.shape[2], sq.dtype)
         return out
 
     def add_weighted_sum(self, call: LayerCall, weights: torch.Tensor, into: dict[str, torch.Tensor]) -> None:
+        self._add_fast(call, weights, into)
+        for name, total in into.items():
+            add_exact(call, name, weights.to(total.device), total)
+
+    def _add_fast(self, call: LayerCall, weights: torch.Tensor, into: dict[str, torch.Tensor]) -> None:
+        """The clipped sum of the examples not handled exactly."""
         a, g = _as_sequence(call)
         weights = weights.to(g.dtype)
+        if self.bias in into:
+            bias_grads = g.sum(1)  # (B, p), unweighted: the same sum as the bias norm's
+            total = into[self.bias]
+            total.add_((fast_weights(call, self.bias, weights) @ bias_grads).to(total.dtype))
         weight = into.get(self.weight)
         if weight is not None:
+            w = fast_weights(call, self.weight, weights)
             # sum_i w_i g_i^T a_i: scale whichever of a and g has fewer features, then one matmul over all rows.
             if a.shape[-1] <= g.shape[-1]:
-                a = a * weights[:, None, None]
+                a = a * w[:, None, None]
             else:
-                g = g * weights[:, None, None]
+                g = g * w[:, None, None]
             flat_a, flat_g = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
             first, second = (flat_a.T, flat_g) if self.transposed else (flat_g.T, flat_a)
             if weight.dtype == first.dtype:
                 weight.addmm_(first, second)  # straight into the accumulator: no parameter-sized temporary
             else:
                 weight.add_((first @ second).to(weight.dtype))
-        if self.bias in into:
-            bias_grads = call.output_grad.reshape(call.batch_size, -1, g.shape[-1]).sum(1)  # (B, p), unweighted
-            into[self.bias].add_((weights @ bias_grads).to(into[self.bias].dtype))
 
 
 register_rule(nn.Linear)(LinearRule)
@@ -138,7 +176,8 @@ register_rule_by_name("transformers.pytorch_utils.Conv1D", TransposedLinearRule(
 
 class RowBlockLinearRule(LinearRule):
     """A linear map by rows ``rows`` of a larger weight (and bias): attention's query or key/value projection when
-    the three inputs differ. Per-example gradients and sums are full-shape, zero outside the block."""
+    the three inputs differ. Per-example gradients and sums are full-shape, zero outside the block (exactly handled
+    examples' gradients are the block's: ``add_weighted_sum`` adds them into views of the block)."""
 
     def __init__(self, rows: slice, weight: str, bias: str) -> None:
         super().__init__(weight, bias)
@@ -163,5 +202,11 @@ class RowBlockLinearRule(LinearRule):
         full[..., self.rows] = rows
         return full, columns
 
-    def add_weighted_sum(self, call: LayerCall, weights: torch.Tensor, into: dict[str, torch.Tensor]) -> None:
-        super().add_weighted_sum(call, weights, {n: t[self.rows] for n, t in into.items()})  # views of the block
+    def _exact_weight_grads(self, call: LayerCall, a: torch.Tensor, g: torch.Tensor, index: torch.Tensor):
+        block = super()._exact_weight_grads(call, a, g, index)
+        full = block.new_zeros((len(index), *getattr(call.module, self.weight).shape))
+        full[:, self.rows] = block
+        return full
+
+    def _add_fast(self, call: LayerCall, weights: torch.Tensor, into: dict[str, torch.Tensor]) -> None:
+        super()._add_fast(call, weights, {n: t[self.rows] for n, t in into.items()})  # views of the block

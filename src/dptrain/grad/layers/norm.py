@@ -1,7 +1,8 @@
 """Normalisation layers (LayerNorm, GroupNorm, RMSNorm): per-example gradients are cheap to form directly.
 
 With x_hat the normalised input, example i's gradients are weight: sum over positions of g * x_hat, bias: sum of g;
-both are as small as the parameters, so they are materialised.
+both are as small as the parameters, so they are materialised (in at least float32), and norms and clipped sums
+both come from them: a norm is always that of what is released.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dptrain.grad.layers import LayerCall, LayerRule, register_rule, trainable
+from dptrain.grad.layers import LayerCall, LayerRule, register_rule, trainable, upcast
 
 
 class _AffineNormRule(LayerRule):
@@ -23,7 +24,7 @@ class _AffineNormRule(LayerRule):
 
     def per_example(self, call: LayerCall) -> dict[str, torch.Tensor]:
         out = {}
-        g = call.output_grad
+        g = upcast(call.output_grad)
         if trainable(call.module, "weight"):
             out["weight"] = self.reduce_to_param(call, g * self.normalised(call))
         if trainable(call.module, "bias"):
@@ -44,14 +45,14 @@ class _LastDimsNormRule(_AffineNormRule):
 class LayerNormRule(_LastDimsNormRule):
     def normalised(self, call: LayerCall) -> torch.Tensor:
         m = call.module
-        return F.layer_norm(call.activation, m.normalized_shape, None, None, m.eps)
+        return F.layer_norm(upcast(call.activation), m.normalized_shape, None, None, m.eps)
 
 
 @register_rule(nn.RMSNorm)
 class RMSNormRule(_LastDimsNormRule):
     def normalised(self, call: LayerCall) -> torch.Tensor:
         m = call.module
-        return F.rms_norm(call.activation, m.normalized_shape, None, m.eps)
+        return F.rms_norm(upcast(call.activation), m.normalized_shape, None, m.eps)
 
 
 @register_rule(nn.GroupNorm)
@@ -60,7 +61,7 @@ class GroupNormRule(_AffineNormRule):
 
     def normalised(self, call: LayerCall) -> torch.Tensor:
         m = call.module
-        return F.group_norm(call.activation, m.num_groups, None, None, m.eps)
+        return F.group_norm(upcast(call.activation), m.num_groups, None, None, m.eps)
 
     def reduce_to_param(self, call: LayerCall, values: torch.Tensor) -> torch.Tensor:
         return values.flatten(2).sum(2) if values.dim() > 2 else values

@@ -200,6 +200,9 @@ def test_audit_is_delegated_to_the_audit_command(capsys):
     report = json.loads(capsys.readouterr().out)
     assert code == 0
     assert report["runs"] and all("empirical_epsilon_lower_bound" in json.dumps(run) for run in report["runs"])
+    # Private runs are audited both ways, each named.
+    assert all(run["one_run"]["audit"] == "black-box input canaries" for run in report["runs"])
+    assert all(run["white_box"]["audit"] == "white-box gradient canaries" for run in report["runs"])
 
 
 def test_experiment_is_delegated_to_the_lm_experiments(capsys):

@@ -8,6 +8,8 @@ Composable pieces, each returning a plain result object (a dataclass with ``to_d
   ``MembershipAuditResult`` (``violates_bound`` when the ROC crosses the DP bound beyond sampling error).
 - ``one_run``: the one-run audit of Steinke, Nasr and Jagielski (2023): ``one_run_epsilon_lower_bound`` and the
   procedure (canaries included with probability 1/2, one training run, guesses) -> ``OneRunAuditResult``.
+- ``gradient_canaries``: the white-box one-run audit (Dirac gradient canaries inserted into the DP optimizer's
+  clipped sum) -> ``GradientCanaries``; catches a run whose noise is a quarter of what its accountant charges.
 - ``training``: ``audit_training_run``, all of the above alongside a real training run.
 - ``exposure``: Secret Sharer exposure of planted secrets in sequence models -> ``ExposureResult``.
 - ``digits`` and ``command``: the demo model's audit and the ``dptrain audit`` command.
@@ -17,6 +19,7 @@ training code; dptrain's ``PrivacyEngine`` supplies the claimed epsilon of priva
 """
 
 from dptrain.audit.exposure import ExposureResult, SecretFormat, canary_exposure
+from dptrain.audit.gradient_canaries import GradientCanaries
 from dptrain.audit.mia import (
     LiRAAuditResult,
     MembershipAuditResult,
@@ -47,6 +50,7 @@ from dptrain.audit.training import TrainingAuditReport, audit_training_run
 __all__ = [
     "CanarySet",
     "ExposureResult",
+    "GradientCanaries",
     "LiRAAuditResult",
     "MembershipAuditResult",
     "OneRunAuditResult",

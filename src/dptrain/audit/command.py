@@ -2,8 +2,9 @@
 
 For every run it holds ``--canaries`` examples of the training split out as mislabelled canaries, includes each in
 training with probability 1/2, trains once (non-private, then DP-Adam at each ``--epsilon`` with dptrain's engine),
-and reports the train/test loss-threshold membership attack, the same attack on the canaries, and the one-run
-empirical epsilon lower bound; ``--lira N`` adds LiRA with N models per run. ``--load PATH`` audits a saved
+and reports the train/test loss-threshold membership attack, the same attack on the canaries, the one-run
+empirical epsilon lower bound of the canaries (black-box) and, for the private runs, of 2000 gradient canaries in
+the same run (white-box, ``dptrain.audit.gradient_canaries``); ``--lira N`` adds LiRA with N models per run. ``--load PATH`` audits a saved
 ``state_dict`` of the demo MLP instead (train/test attack only: canaries must be in training to be audited).
 
 Exit status: 0, or 3 when some run is suspicious (it leaks more than its claimed epsilon allows: a probable bug).
@@ -22,6 +23,7 @@ from typing import Any, TextIO
 import torch
 
 from dptrain.audit.digits import digits_audit_data, digits_mlp, make_digits_train_fn
+from dptrain.audit.gradient_canaries import GradientCanaries
 from dptrain.audit.mia import LiRAAuditResult, MembershipAuditResult, loss_threshold_attack, run_lira
 from dptrain.audit.one_run import PrivacyViolationWarning
 from dptrain.audit.training import TrainingAuditReport, audit_training_run, classification_accuracy
@@ -101,7 +103,7 @@ def _mia_cells(result: MembershipAuditResult | None) -> list[str]:
 
 HEADER = [
     "run", "claimed eps", "test acc", "MIA AUC", "TPR@0.1%", "TPR@1%", "MIA eps LB",
-    "canary AUC", "canary eps LB", "one-run correct", "one-run eps LB", "verdict",
+    "canary AUC", "canary eps LB", "one-run correct", "one-run eps LB", "white-box eps LB", "verdict",
 ]
 
 
@@ -116,6 +118,7 @@ def _report_row(report: TrainingAuditReport) -> list[str]:
         _fmt(report.canary_membership.epsilon_lower_bound, ".2f"),
         f"{one.num_correct}/{one.num_guesses}",
         _fmt(one.empirical_epsilon_lower_bound, ".2f"),
+        "-" if report.white_box is None else _fmt(report.white_box.empirical_epsilon_lower_bound, ".2f"),
         "SUSPICIOUS" if report.suspicious else "ok",
     ]
 
@@ -208,6 +211,7 @@ def _audit_demo(args: argparse.Namespace, config: dict[str, Any], out: TextIO) -
                 num_negative_guesses=config["guesses"],
                 significance=config["significance"],
                 name=name,
+                gradient_canaries=None if epsilon is None else GradientCanaries(seed=config["seed"]),
             )
         reports.append(report)
         if config["lira_models"]:
@@ -242,6 +246,7 @@ def _audit_demo(args: argparse.Namespace, config: dict[str, Any], out: TextIO) -
                 print("\n" + r.message(), file=out)
         print(
             "\nMIA: loss-threshold attack, training set vs held-out set; canary: the same attack on the canaries; "
+            "one-run: black-box input canaries; white-box: gradient canaries in the released noisy sums; "
             "eps LB: lower confidence bounds on epsilon (a correct run stays <= its claimed eps); "
             f"{'SUSPICIOUS runs leak more than they claim: probable implementation bug' if suspicious else 'no run exceeds its claimed epsilon'}. "
             f"({time.perf_counter() - start:.0f} s)",

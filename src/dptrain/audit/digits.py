@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from dptrain.accounting import calibrate_noise
+from dptrain.audit.gradient_canaries import GradientCanaries
 from dptrain.audit.one_run import CanarySet, TrainFn, mislabeled_canaries
 from dptrain.engine import PrivacyEngine
 
@@ -70,9 +71,14 @@ def make_digits_train_fn(
     noise calibrated by ``dptrain.accounting.calibrate_noise``) so that the calibration can be cached.
     """
 
-    def train(dataset: Dataset) -> tuple[nn.Module, float]:
+    def train(dataset: Dataset, gradient_canaries: GradientCanaries | None = None) -> tuple[nn.Module, float]:
+        """Train on ``dataset``; with ``gradient_canaries`` (private runs only) they ride along, white-box."""
         torch.manual_seed(seed)
         model = digits_mlp(hidden)
+        if gradient_canaries is not None:
+            if epsilon is None:
+                raise ValueError("gradient canaries audit the DP engine: a non-private run has none to audit")
+            gradient_canaries.attach(model)
         optimizer = torch.optim.Adam(model.parameters(), lr=lr)
         loss_fn = nn.CrossEntropyLoss()
         engine = None
@@ -92,6 +98,8 @@ def make_digits_train_fn(
                 max_grad_norm=max_grad_norm,
                 noise_generator=torch.Generator().manual_seed(seed),
             )
+            if gradient_canaries is not None:
+                gradient_canaries.watch(optimizer)
         model.train()
         for _ in range(epochs):
             for x, y in loader:

@@ -217,6 +217,8 @@ class OneRunAuditResult:
     num_positive_guesses: int
     num_negative_guesses: int
     score: str = "loss"
+    #: Which audit produced it: input canaries scored through the trained model, or gradient canaries.
+    audit: str = "black-box input canaries"
     suspicious: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -224,7 +226,7 @@ class OneRunAuditResult:
 
     def message(self) -> str:
         text = (
-            f"one-run audit: {self.num_correct}/{self.num_guesses} correct guesses on {self.num_canaries} canaries, "
+            f"one-run audit ({self.audit}): {self.num_correct}/{self.num_guesses} correct guesses on {self.num_canaries} canaries, "
             f"empirical eps lower bound {self.empirical_epsilon_lower_bound:.3f} (confidence "
             f"{1 - self.significance:.0%}, delta {self.delta:g}), claimed eps {self.claimed_epsilon:.3f}"
         )
@@ -249,6 +251,7 @@ class OneRunAuditResult:
             "delta": self.delta,
             "significance": self.significance,
             "score": self.score,
+            "audit": self.audit,
             "suspicious": self.suspicious,
         }
 
@@ -292,6 +295,7 @@ def one_run_audit(
     significance: float = 0.05,
     score: str = "loss",
     seed: int = 0,
+    audit: str = "black-box input canaries",
 ) -> OneRunAuditResult:
     """Guess membership from canary ``scores`` (higher = more likely included), count, and bound eps.
 
@@ -314,6 +318,7 @@ def one_run_audit(
         num_positive_guesses=num_positive_guesses,
         num_negative_guesses=num_negative_guesses,
         score=score,
+        audit=audit,
     )
 
 

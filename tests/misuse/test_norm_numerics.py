@@ -24,6 +24,7 @@ from dptrain.grad.layers import (
     NORM_RTOL,
     LayerCall,
     certified_gram_sum,
+    recheck_uncertain,
     rule_for,
     shared_squared_norms,
     uncertain,
@@ -180,6 +181,13 @@ def _call(module: nn.Module, activation: torch.Tensor, output_grad: torch.Tensor
     return LayerCall(module, activation, output_grad)
 
 
+def _checked_norms(rule, call: LayerCall) -> dict[str, torch.Tensor]:
+    """A rule's squared norms as the engine takes them: computed with their bounds, then every example the bounds
+    do not certify rechecked."""
+    norms = rule.squared_norms(call)
+    return dict(zip(norms, recheck_uncertain([(rule, call, name, sq) for name, sq in norms.items()])))
+
+
 def _brute_force_norms(module: nn.Module, activation: torch.Tensor, output_grad: torch.Tensor) -> torch.Tensor:
     """Per-example squared gradient norms of ``module``'s parameters: a float64 autograd loop over examples."""
     double = copy.deepcopy(module).double()
@@ -208,10 +216,10 @@ def test_certified_bound_covers_the_float32_error_of_ghost_sums():
         assert ((value - exact).abs() <= bound).all(), (value, exact, bound)
 
 
-def test_uncertain_flags_cancelled_and_overflowed_values_and_leaves_nan_to_the_optimizer():
-    values = torch.tensor([1.0, 1.0, 0.0, -1.0, 0.0, math.inf, math.nan])
-    bounds = torch.tensor([0.0, 1.0, 0.0, 0.5, 1e-30, 0.0, 0.0])
-    assert uncertain(values, bounds).tolist() == [False, True, False, True, True, True, False]
+def test_uncertain_flags_cancelled_values_and_overflowed_bounds_and_leaves_non_finite_values_to_the_optimizer():
+    values = torch.tensor([1.0, 1.0, 0.0, -1.0, 0.0, 1.0, math.inf, math.nan])
+    bounds = torch.tensor([0.0, 1.0, 0.0, 0.5, 1e-30, math.inf, 0.0, 0.0])
+    assert uncertain(values, bounds).tolist() == [False, True, False, True, True, True, False, False]
     assert uncertain(torch.tensor([1.0]), torch.tensor([NORM_RTOL])).tolist() == [False]
 
 
@@ -222,7 +230,7 @@ def test_rules_handle_flagged_examples_exactly_in_norm_and_clipped_sum(case):
     model, x, target = CASES[case]()
     module = model.embed if isinstance(model, Lookup) else model
     call = _call(module, x, target)
-    norms = rule_for(module).squared_norms(call)
+    norms = _checked_norms(rule_for(module), call)
     assert "weight" in call.exact, "the crafted example must be flagged"
     exact = _exact_gradient(model, x, target)
     assert float(sum(norms.values())) == pytest.approx(_norm(exact) ** 2, rel=1e-6)
@@ -239,7 +247,7 @@ def test_shared_parameter_whose_calls_cancel_is_certified_and_summed_exactly():
     model, x, target = crafted_shared()
     rule = rule_for(model.lin)
     calls = [_call(model.lin, x[:, 0], target), _call(model.lin, x[:, 1], -target)]
-    own = [rule.squared_norms(call) for call in calls]
+    own = [_checked_norms(rule, call) for call in calls]
     assert all(not call.exact for call in calls), "no single call cancels"
     exact = _exact_gradient(model, x, target)
     for name, reference in zip(("weight", "bias"), exact):
@@ -263,7 +271,7 @@ def test_tied_embedding_and_head_whose_gradients_cancel_are_summed_exactly():
     head_grad[0, 0, 2] = -1.0
     head_call = _call(head, rows[1:][None], head_grad)
     parts = [(rule_for(embed), embed_call, "weight"), (rule_for(head), head_call, "weight")]
-    own = [rule.squared_norms(call)["weight"] for rule, call, _ in parts]
+    own = [_checked_norms(rule, call)["weight"] for rule, call, _ in parts]
     total = shared_squared_norms(parts, own)
     assert float(total[0]) == pytest.approx(9.0 * FEATURES, rel=1e-6)
     into = {"weight": torch.zeros_like(embed.weight)}
@@ -352,3 +360,43 @@ def test_bfloat16_model_clipped_contributions_stay_within_c_in_the_float32_step_
     assert dtypes == {torch.float32}, f"the step total of bf16 parameters must be float32, got {dtypes}"
     assert len(contributions) == 6
     assert all(C * (1 - 1e-3) <= c <= C * (1 + 1e-6) for c in contributions), [c - C for c in contributions]
+
+
+def test_examples_the_quick_bound_leaves_uncertain_are_certified_by_the_gram_norms_without_float64():
+    """Long sequences with repeated tokens: the bound from the factors' norms alone (no pass over the Gram
+    matrices) does not certify natural data, the recheck's Frobenius bound does, so no gradient is formed in
+    float64 and the norm is the brute-force one."""
+    g = torch.Generator().manual_seed(5)
+    module = nn.Embedding(50, FEATURES)
+    ids, output_grad = torch.randint(0, 50, (2, 2048), generator=g), torch.randn(2, 2048, FEATURES, generator=g)
+    call = _call(module, ids, output_grad)
+    quick = rule_for(module).squared_norms(call)["weight"]
+    assert uncertain(quick, call.bounds["weight"]).all(), "the quick bound must leave these examples uncertain"
+    norms = _checked_norms(rule_for(module), call)
+    assert not call.exact, "the Frobenius bound should certify natural data"
+    assert not uncertain(norms["weight"], call.bounds["weight"]).any()
+    reference = _brute_force_norms(module, ids, output_grad)
+    assert torch.allclose(norms["weight"].double(), reference, rtol=1e-5, atol=0)
+
+
+def test_materialised_norms_are_taken_of_the_very_gradients_the_clipped_sum_adds():
+    """A Linear whose norms are cheaper materialised (T d p <= T^2 (d + p)) keeps those per-example gradients for
+    the clipped sum: the released sum is sum_i w_i G_i of the measured G_i, within float32 rounding of the float64
+    reference, and no bound needs testing (a sum of squares)."""
+    g = torch.Generator().manual_seed(7)
+    module = nn.Linear(8, 8)
+    activation, output_grad = torch.randn(6, 40, 8, generator=g), torch.randn(6, 40, 8, generator=g)
+    assert not ghost_is_cheaper(40, 8, 8)
+    call = _call(module, activation, output_grad)
+    norms = _checked_norms(rule_for(module), call)
+    assert "weight" in call.kept and isinstance(call.bounds["weight"], float)
+    reference = _brute_force_norms(module, activation, output_grad)
+    assert torch.allclose(sum(n.double() for n in norms.values()), reference, rtol=1e-5, atol=0)
+    weights = torch.linspace(0.1, 1.0, 6)
+    into = {name: torch.zeros_like(p) for name, p in module.named_parameters()}
+    rule_for(module).add_weighted_sum(call, weights, into)
+    a64, g64 = activation.double(), output_grad.double()
+    expected_weight = torch.einsum("b,btp,btd->pd", weights.double(), g64, a64)
+    expected_bias = torch.einsum("b,btp->p", weights.double(), g64)
+    assert torch.allclose(into["weight"].double(), expected_weight, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(into["bias"].double(), expected_bias, rtol=1e-5, atol=1e-5)

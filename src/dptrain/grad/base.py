@@ -12,9 +12,18 @@ import torch
 from torch import nn
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """At least float32: bfloat16 / float16 squares and sums lose precision (and float16 overflows past 65504)."""
-    return torch.promote_types(dtype, torch.float32)
+_WIDE = (torch.float32, torch.float64)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype per-example norms and sums are computed in: at least float32 (bfloat16 / float16 squares and sums
+    lose precision, and float16 overflows past 65504)."""
+    return dtype if dtype in _WIDE else torch.promote_types(dtype, torch.float32)
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in ``compute_dtype`` (unchanged for float32 / float64 and for integer token ids)."""
+    return t if t.dtype in _WIDE or not t.is_floating_point() else t.to(compute_dtype(t.dtype))
 
 
 def per_example_squared_norms(grads: dict[Any, torch.Tensor]) -> dict[Any, torch.Tensor]:
@@ -23,7 +32,7 @@ def per_example_squared_norms(grads: dict[Any, torch.Tensor]) -> dict[Any, torch
     norms = {}
     for key, g in grads.items():
         flat = g.reshape(g.shape[0], math.prod(g.shape[1:]))
-        norms[key] = flat.to(_compute_dtype(g.dtype)).pow(2).sum(1)
+        norms[key] = upcast(flat).square().sum(1)
     return norms
 
 
@@ -32,8 +41,8 @@ def per_example_weighted_sums(grads: dict[Any, torch.Tensor], weights: torch.Ten
     factors are not rounded to 16 bits either)."""
     sums = {}
     for key, g in grads.items():
-        dtype = _compute_dtype(g.dtype)
-        sums[key] = torch.einsum("b,b...->...", weights.to(g.device, dtype), g.to(dtype))
+        g = upcast(g)
+        sums[key] = torch.einsum("b,b...->...", weights.to(g.device, g.dtype), g)
     return sums
 
 

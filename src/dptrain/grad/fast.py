@@ -38,6 +38,7 @@ from dptrain.grad.layers import (
     LayerCall,
     LayerRule,
     rule_for,
+    recheck_uncertain,
     shared_squared_norms,
 )
 from dptrain.grad.layers.attention import attention_forward, can_decompose
@@ -200,18 +201,23 @@ class _FastGradients(PerExampleGradients):
         rule_terms: list[torch.Tensor] = []
         parts: dict[nn.Parameter, list] = {p: [] for p in self.factored}
         own: dict[nn.Parameter, list[torch.Tensor]] = {p: [] for p in self.factored}
+        records: list[tuple] = []
+        owners: list[nn.Parameter] = []
         for (rule, call), owned in zip(self.calls, self.owned):
             for name, sq in rule.squared_norms(call).items():
                 p = owned.get(name)
-                if p is None or p in self.shared:
-                    continue
-                if p in self.factored:  # own term and the call, for the certified total over the calls
-                    parts[p].append((rule, call, name))
-                    own[p].append(sq)
-                else:
-                    rule_terms.append(sq)
+                if p is not None and p not in self.shared:
+                    records.append((rule, call, name, sq))
+                    owners.append(p)
+        # Every bound tested at once; examples not certified are rechecked (a tighter bound, then float64).
+        for (rule, call, name, _), p, sq in zip(records, owners, recheck_uncertain(records)):
+            if p in self.factored:  # own term and the call, for the certified total over the calls
+                parts[p].append((rule, call, name))
+                own[p].append(sq)
+            else:
+                rule_terms.append(sq)
         # Own terms plus twice the cross terms, certified: flagged examples are summed over the calls in float64.
-        rule_terms += [shared_squared_norms(parts[p], own[p]) for p in self.factored if parts[p]]
+        rule_terms += [shared_squared_norms(parts[p], own[p], self.factored[p]) for p in self.factored if parts[p]]
         other_terms = list(per_example_squared_norms(self.shared).values())
         if self.fallback is not None:
             other_terms.append(self.fallback.squared_norms())
@@ -238,6 +244,7 @@ class _FastGradients(PerExampleGradients):
                 rule.add_weighted_sum(call, scaled[call.device], targets)
             if release:
                 call.activation = call.output_grad = call.materialised = None
+                call.kept = {}
         for p, g in per_example_weighted_sums(self.shared, weights).items():
             into[p].add_(g.to(into[p].dtype))
         if self.fallback is not None:

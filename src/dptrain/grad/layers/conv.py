@@ -29,10 +29,12 @@ from torch import nn
 from dptrain.grad.layers import (
     LayerCall,
     LayerRule,
+    _recomputed,
     add_exact,
     certified_gram_sum,
     dense_exact,
     fast_weights,
+    refined_gram_sum,
     register_rule,
     rounding_factor,
     trainable,
@@ -156,25 +158,31 @@ class ConvRule(LayerRule):
         m = call.module
         out = {}
         if trainable(m, "weight"):
-            sq, bound = self._weight_norms(call)
-            flagged = uncertain(sq, bound)
-            if bool(flagged.any()):
-                index = flagged.nonzero().flatten()
-                x, padding = _padded_input(call)
-                g = upcast(call.output_grad)[index].to(torch.float64)
-                grads = _weight_grad(call, x[index].to(torch.float64), padding, g, per_example=True)
-                sq = sq.clone()
-                sq[index] = grads.flatten(1).square().sum(1).to(sq.dtype)
-                bound = torch.where(flagged, 0.0, bound)
-                call.exact["weight"] = dense_exact(index, grads)
-            out["weight"] = sq
-            call.bounds["weight"] = bound
+            out["weight"], call.bounds["weight"] = self._weight_norms(call)
         if trainable(m, "bias"):
             # The clipped sum uses this same float32 sum over positions: the norm is that of what is released.
             sq = _bias_grads(call).square().sum(1)
             out["bias"] = sq
-            call.bounds["bias"] = sq * rounding_factor(m.out_channels, sq.dtype)
+            call.bounds["bias"] = rounding_factor(m.out_channels, sq.dtype)
         return out
+
+    def recheck(self, call: LayerCall, name: str, index: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
+        if name == "bias":
+            return _recomputed(call, name, index, sq, _bias_grads(call)[index].double().square().sum(1))
+        if self._ghost(call):  # the ghost norm's tighter bound first
+            patches, g = _patches_and_grads(call)
+            factors = (patches, g.transpose(-1, -2))
+            value, bound = refined_gram_sum(factors, factors, True, index)
+            value, bound = value.sum(1), bound.sum(1)
+            sq = _recomputed(call, name, index, sq, value, bound)
+            index = index[uncertain(sq[index], bound)]
+            if not len(index):
+                return sq
+        x, padding = _padded_input(call)
+        g = upcast(call.output_grad)[index].to(torch.float64)
+        grads = _weight_grad(call, x[index].to(torch.float64), padding, g, per_example=True)
+        call.exact["weight"] = dense_exact(index, grads)
+        return _recomputed(call, name, index, sq, grads.flatten(1).square().sum(1))
 
     def weighted_sum(self, call: LayerCall, weights: torch.Tensor) -> dict[str, torch.Tensor]:
         g = upcast(call.output_grad)

@@ -18,9 +18,11 @@ from dptrain.grad.layers import (
     ExactPart,
     LayerCall,
     LayerRule,
+    _recomputed,
     add_exact,
     certified_gram_sum,
     fast_weights,
+    refined_gram_sum,
     register_rule,
     rounding_factor,
     trainable,
@@ -78,18 +80,20 @@ class EmbeddingRule(LayerRule):
         ids, g = _ids_and_grads(call)
         if bool((ids.sort(dim=1).values.diff(dim=1) != 0).all()):  # no id twice in an example (position ids)
             sq = g.square().sum((1, 2))  # a sum of squares, and each row is released as it is
-            call.bounds["weight"] = sq * rounding_factor(g[0].numel(), sq.dtype)
+            call.bounds["weight"] = rounding_factor(g[0].numel(), sq.dtype)
             return {"weight": sq}
-        value, bound = certified_gram_sum((ids, g), (ids, g), same=True)
-        sq = value.to(g.dtype)
-        flagged = uncertain(sq, bound)
-        if bool(flagged.any()):
-            index = flagged.nonzero().flatten()
-            norms, call.exact["weight"] = _exact_rows(ids, g, index)
-            sq[index] = norms.to(sq.dtype)
-            bound = torch.where(flagged, 0.0, bound)
-        call.bounds["weight"] = bound
-        return {"weight": sq}
+        value, call.bounds["weight"] = certified_gram_sum((ids, g), (ids, g), same=True)
+        return {"weight": value.to(g.dtype)}
+
+    def recheck(self, call: LayerCall, name: str, index: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
+        ids, g = _ids_and_grads(call)
+        value, bound = refined_gram_sum((ids, g), (ids, g), True, index)  # the tighter bound first
+        sq = _recomputed(call, name, index, sq, value, bound)
+        index = index[uncertain(sq[index], bound)]
+        if not len(index):
+            return sq
+        norms, call.exact["weight"] = _exact_rows(ids, g, index)
+        return _recomputed(call, name, index, sq, norms)
 
     def weighted_sum(self, call: LayerCall, weights: torch.Tensor) -> dict[str, torch.Tensor]:
         if not trainable(call.module, "weight"):

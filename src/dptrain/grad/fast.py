@@ -19,7 +19,6 @@ from a torch.func replay of the whole model. A parameter that receives gradient 
 from __future__ import annotations
 
 import types
-from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -30,20 +29,16 @@ from dptrain.grad.base import (
     MaterializedGradients,
     PerExampleGradients,
     ReplayGuard,
-    per_example_squared_norms,
-    per_example_weighted_sums,
 )
 from dptrain.grad.layers import (
     MATERIALISED,
     LayerCall,
     LayerRule,
     rule_for,
-    recheck_uncertain,
-    shared_squared_norms,
 )
 from dptrain.grad.layers.attention import attention_forward, can_decompose
-from dptrain.grad.layers.embedding import EmbeddingRule
-from dptrain.grad.layers.linear import LinearRule
+from dptrain.grad.example_dims import BROADCAST, CONFLICT, candidate_dims, leading_dims, probe_verdict
+from dptrain.grad.fast_gradients import FastGradients, per_example
 from dptrain.grad.vmap import VmapGradSampler
 
 #: Layers whose forward uses their children's parameters directly (not by calling the children), so the whole
@@ -55,55 +50,7 @@ def _batch_first_of(module: nn.Module, default: bool) -> bool:
     return bool(getattr(module, "batch_first", default)) if isinstance(module, (nn.RNNBase, nn.MultiheadAttention)) else default
 
 
-#: Where a call's examples are, besides a dimension index: a leading 1 broadcast over the batch (GPT-2's position
-#: ids), or (a learned layout only) a layer seen with its examples on different dimensions.
-_BROADCAST, _CONFLICT = -1, -2
 _UNTAGGED = object()  # the tag of a call recorded while the engine had no ``batch_tag``
-
-
-def _leading_dims(rule: LayerRule, module: nn.Module, activation: torch.Tensor) -> int:
-    """How many leading dimensions of a rule layer's input its rule treats alike, so that any one of them may carry
-    the examples: those before the features (Linear, HF Conv1D), all of token ids (Embedding), those before
-    ``normalized_shape`` (LayerNorm, RMSNorm); only dim 0 of a batched input for the others (convolutions,
-    GroupNorm), whose other dimensions are channels and positions."""
-    if isinstance(rule, LinearRule):
-        return activation.dim() - 1
-    if isinstance(rule, EmbeddingRule):
-        return activation.dim()
-    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-        return activation.dim() - len(module.normalized_shape)
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return int(activation.dim() == len(module.kernel_size) + 2)
-    return int(activation.dim() >= 2)
-
-
-def _candidate_dims(activation: torch.Tensor, leading: int, batch_size: int) -> list[int]:
-    """The leading dimensions of the batch size, and ``_BROADCAST`` for a leading 1 in a batch of several."""
-    shape = activation.shape
-    dims = [d for d in range(leading) if shape[d] == batch_size]
-    if batch_size > 1 and leading and shape[0] == 1:
-        dims.append(_BROADCAST)
-    return dims
-
-
-def _probe_verdict(dims: list[int], grad: torch.Tensor | None) -> int | None:
-    """The example dimension among ``dims`` from the gradient of one example's (example 0's) output with respect to
-    the layer's output: entries of other examples get none, so the example dimension has it at index 0 only. A
-    dimension with gradient at another index is refuted; the verdict is the one dimension not refuted (it must
-    have gradient at 0), or ``_BROADCAST`` when every dimension is refuted and a broadcast leading 1 fits. None:
-    undecided."""
-    if grad is None:
-        return None
-    used = grad != 0
-    standing = []
-    for d in dims:
-        if d != _BROADCAST:
-            along = used.movedim(d, 0).flatten(1).any(1)
-            if not along[1:].any():
-                standing.append((d, bool(along[0])))
-    if len(standing) == 1:
-        return standing[0][0] if standing[0][1] else None
-    return _BROADCAST if not standing and _BROADCAST in dims else None
 
 
 def _outside_use_error(name: str) -> RuntimeError:
@@ -129,10 +76,6 @@ def _materialise_now(rule: LayerRule, call: LayerCall) -> bool:
     return 0 < size <= call.activation.numel() + call.output_grad.numel()
 
 
-def _per_example(rule: LayerRule, call: LayerCall) -> dict[str, torch.Tensor]:
-    return call.materialised if call.materialised is not None else rule.per_example(call)
-
-
 class _OutputGradientTap(torch.autograd.Function):
     """Identity on ``output`` that puts it on the autograd graph through ``anchor`` (a scalar leaf), so that the
     backward pass reaches a layer output that would otherwise need no gradient. Returns a copy, so in-place
@@ -147,139 +90,11 @@ class _OutputGradientTap(torch.autograd.Function):
         return None, None
 
 
-class _FastGradients(PerExampleGradients):
-    """Per-example norms and weighted sums over layer calls; a parameter used by several calls gets cross terms
-    between the calls' factored gradients, or (layers without a factored form) materialised per-example gradients."""
-
-    def __init__(
-        self,
-        calls: list[tuple[LayerRule, LayerCall]],
-        owned: list[dict[str, nn.Parameter]],
-        fallback: MaterializedGradients | None,
-        batch_size: int,
-        scale: float = 1.0,
-        tags: frozenset = frozenset(),
-    ) -> None:
-        """``owned``: each call's privatised parameters by name. ``scale`` multiplies the rule layers' output
-        gradients (the batch size under a mean loss), applied to the results instead of the kept tensors. ``tags``:
-        the batch tags of the calls' forward passes (the fallback's are added)."""
-        self.scale = scale
-        self.calls = calls
-        self.fallback = fallback
-        self.batch_size = batch_size
-        self.tags = tags | fallback.tags if fallback is not None else tags
-        self.owned = owned
-        uses = Counter(p for owned in self.owned for p in owned.values())
-        fallback_params = set(fallback.per_param) if fallback is not None else set()
-        uses.update(list(fallback_params))
-        # A parameter used by several rule calls that all have a factored form (tied embedding and output head, a
-        # Linear applied twice): its norm is the sum of each call's own term plus cross terms, nothing materialised.
-        factored: dict[nn.Parameter, list] = {}
-        for (rule, call), owned in zip(calls, self.owned):
-            for name, p in owned.items():
-                if uses[p] > 1 and p not in fallback_params:
-                    factored.setdefault(p, []).append(rule.factors(call, name))
-        self.factored = {p: fs for p, fs in factored.items() if all(f is not None for f in fs)}
-        # Any other parameter used more than once has its per-example gradients materialised and summed (exact).
-        self.shared: dict[nn.Parameter, torch.Tensor] = {}
-        for (rule, call), owned in zip(calls, self.owned):
-            if any(uses[p] > 1 and p not in self.factored for p in owned.values()):
-                for name, g in _per_example(rule, call).items():
-                    p = owned.get(name)
-                    if p is not None and uses[p] > 1 and p not in self.factored:
-                        g = g * scale
-                        self.shared[p] = self.shared[p] + g if p in self.shared else g
-        if fallback is not None:
-            # A parameter used both by a rule layer and a fallback layer: sum its per-example gradients (exact).
-            for p, g in fallback.per_param.items():
-                if uses[p] > 1:
-                    self.shared[p] = self.shared[p] + g
-            rest = {p: g for p, g in fallback.per_param.items() if uses[p] == 1}
-            self.fallback = MaterializedGradients(rest, fallback.batch_size) if rest else None
-
-    def squared_norms(self) -> torch.Tensor:
-        rule_terms: list[torch.Tensor] = []
-        parts: dict[nn.Parameter, list] = {p: [] for p in self.factored}
-        own: dict[nn.Parameter, list[torch.Tensor]] = {p: [] for p in self.factored}
-        records: list[tuple] = []
-        owners: list[nn.Parameter] = []
-        for (rule, call), owned in zip(self.calls, self.owned):
-            for name, sq in rule.squared_norms(call).items():
-                p = owned.get(name)
-                if p is not None and p not in self.shared:
-                    records.append((rule, call, name, sq))
-                    owners.append(p)
-        # Every bound tested at once; examples not certified are rechecked (a tighter bound, then float64).
-        for (rule, call, name, _), p, sq in zip(records, owners, recheck_uncertain(records)):
-            if p in self.factored:  # own term and the call, for the certified total over the calls
-                parts[p].append((rule, call, name))
-                own[p].append(sq)
-            else:
-                rule_terms.append(sq)
-        # Own terms plus twice the cross terms, certified: flagged examples are summed over the calls in float64.
-        rule_terms += [shared_squared_norms(parts[p], own[p], self.factored[p]) for p in self.factored if parts[p]]
-        other_terms = list(per_example_squared_norms(self.shared).values())
-        if self.fallback is not None:
-            other_terms.append(self.fallback.squared_norms())
-        terms = rule_terms + other_terms
-        if not terms:
-            return torch.zeros(self.batch_size)
-        device, dtype = terms[0].device, torch.promote_types(torch.float32, terms[0].dtype)
-
-        def total(tensors: list[torch.Tensor]) -> torch.Tensor:
-            return torch.stack([t.to(device, dtype) for t in tensors]).sum(0)
-
-        norms = total(rule_terms) * self.scale**2 if rule_terms else torch.zeros(self.batch_size, device=device, dtype=dtype)
-        return norms + total(other_terms) if other_terms else norms
-
-    def _accumulate(self, weights: torch.Tensor, into: dict[nn.Parameter, torch.Tensor], release: bool) -> None:
-        """``into[p] += sum_i weights[i] g_i``, call by call; with ``release`` each call's tensors are dropped as
-        soon as its part is added (the record cannot be used again)."""
-        scaled: dict[torch.device, torch.Tensor] = {}  # the weights times the output-gradient scale, per device
-        for (rule, call), owned in zip(self.calls, self.owned):
-            targets = {name: into[p] for name, p in owned.items() if p not in self.shared}
-            if targets:
-                if call.device not in scaled:
-                    scaled[call.device] = weights.to(call.device) * self.scale
-                rule.add_weighted_sum(call, scaled[call.device], targets)
-            if release:
-                call.activation = call.output_grad = call.materialised = None
-                call.kept = {}
-        for p, g in per_example_weighted_sums(self.shared, weights).items():
-            into[p].add_(g.to(into[p].dtype))
-        if self.fallback is not None:
-            self.fallback.add_weighted_sum(weights, into)
-
-    def weighted_sum(self, weights: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
-        params = {p for owned in self.owned for p in owned.values()} | set(self.shared)
-        if self.fallback is not None:
-            params |= set(self.fallback.per_param)
-        out = {p: torch.zeros_like(p) for p in params}
-        self._accumulate(weights, out, release=False)
-        return out
-
-    def add_weighted_sum(self, weights: torch.Tensor, into: dict[nn.Parameter, torch.Tensor]) -> None:
-        """Add each layer's part to ``into`` as soon as it is formed (in place where the rule can), dropping that
-        layer's kept tensors: the sums never exist next to all the activations and output gradients."""
-        self._accumulate(weights, into, release=True)
-
-    def materialize(self) -> dict[nn.Parameter, torch.Tensor]:
-        out: dict[nn.Parameter, torch.Tensor] = dict(self.shared)
-        for (rule, call), owned in zip(self.calls, self.owned):
-            for name, g in _per_example(rule, call).items():
-                p = owned.get(name)
-                if p is not None and p not in self.shared:
-                    out[p] = out[p] + g * self.scale if p in out else g * self.scale
-        if self.fallback is not None:
-            out.update(self.fallback.per_param)
-        return out
-
-
 class FastGradSampler(GradSampler):
     """Book-keeping per-example clipping with per-layer rules and a per-layer torch.func fallback.
 
     At each call of a rule layer, the dimension of its input that carries the examples is the one leading dimension
-    (``_leading_dims``) of the batch size; it is moved to dim 0 (a model may work in (T, B, ...) inside). A leading
+    (``leading_dims``) of the batch size; it is moved to dim 0 (a model may work in (T, B, ...) inside). A leading
     1 in a batch of several (position ids broadcast over the batch) gets a per-example view of the layer's output.
     When several dimensions fit (T == B at some step), the dimension the layer's examples were on at an earlier
     step with only one is used; without one, that step's gradients of the layer come from a torch.func replay of
@@ -462,7 +277,7 @@ class FastGradSampler(GradSampler):
             dim = self._example_dim(rule, module, activation, output, batch_size)
             if dim is None:
                 return replaced
-            if dim == _BROADCAST:
+            if dim == BROADCAST:
                 # Give each example its own view of the output, so that the backward pass yields per-example output
                 # gradients; broadcasting sees the same values.
                 activation = activation.expand(batch_size, *activation.shape[1:])
@@ -478,15 +293,15 @@ class FastGradSampler(GradSampler):
     def _example_dim(
         self, rule: LayerRule, module: nn.Module, activation: torch.Tensor, output: torch.Tensor, batch_size: int
     ) -> int | None:
-        """The dimension of this call's input (and output) that carries the examples, or ``_BROADCAST``; None when
+        """The dimension of this call's input (and output) that carries the examples, or ``BROADCAST``; None when
         the call's gradients come from the replay of the whole model instead (never a guess)."""
-        dims = _candidate_dims(activation, _leading_dims(rule, module, activation), batch_size)
+        dims = candidate_dims(activation, leading_dims(rule, module, activation), batch_size)
         if batch_size <= 1 and dims:
             return dims[0]  # no or one example: every fitting dimension attributes the same
         key = (module, activation.dim())
         if len(dims) == 1:
             if self._learned.setdefault(key, dims[0]) != dims[0]:
-                self._learned[key] = _CONFLICT
+                self._learned[key] = CONFLICT
             return dims[0]
         if not dims:
             self._replay_whole_model(module)
@@ -520,7 +335,7 @@ class FastGradSampler(GradSampler):
     def _probe(self, batch_size: int) -> dict[tuple[nn.Module, int], int]:
         """Which dimension carries the examples at each rule layer, where several fit: the current forward pass run
         again (random generators forked, so the user's stream and dropout are unaffected; no hook records) and the
-        gradient of example 0's outputs taken with respect to every rule layer's output (``_probe_verdict``)."""
+        gradient of example 0's outputs taken with respect to every rule layer's output (``probe_verdict``)."""
         args, kwargs = self._root_call
         leaves = [t for t in self._root_inputs if isinstance(t, torch.Tensor)]
         cuda = sorted({t.device.index for t in leaves if t.is_cuda})
@@ -543,9 +358,9 @@ class FastGradSampler(GradSampler):
             self._probed = None
         verdicts: dict[tuple[nn.Module, int], int | None] = {}
         for (module, activation, _), grad in zip(probed, grads):
-            dims = _candidate_dims(activation, _leading_dims(rule_for(module), module, activation), batch_size)
+            dims = candidate_dims(activation, leading_dims(rule_for(module), module, activation), batch_size)
             if len(dims) > 1:
-                key, verdict = (module, activation.dim()), _probe_verdict(dims, grad)
+                key, verdict = (module, activation.dim()), probe_verdict(dims, grad)
                 verdicts[key] = verdict if verdicts.get(key, verdict) == verdict else None  # calls must agree
         return {key: v for key, v in verdicts.items() if v is not None}
 
@@ -672,14 +487,14 @@ class FastGradSampler(GradSampler):
         if batch_size == 0:  # an empty Poisson batch: no example, nothing to clip
             return MaterializedGradients({p: p.new_zeros((0, *p.shape)) for p in params}, 0, tags)
         scale = float(batch_size) if self.scale_by_batch else 1.0
-        grads = _FastGradients(calls, owned, fallback, batch_size, scale, frozenset(tags))
+        grads = FastGradients(calls, owned, fallback, batch_size, scale, frozenset(tags))
         if not self._checked_attribution:
             self._check_attribution(grads, wanted)
             self._checked_attribution = True
         self._skip_autograd_weight_grads = self._may_skip_autograd_weight_grads
         return grads
 
-    def _check_attribution(self, grads: _FastGradients, wanted: set[nn.Parameter]) -> None:
+    def _check_attribution(self, grads: FastGradients, wanted: set[nn.Parameter]) -> None:
         """On the first step, check that the per-example gradients add up to autograd's batch gradient.
 
         A parameter also used outside its layer's forward call (``F.linear(h, self.embed.weight)`` in a parent)

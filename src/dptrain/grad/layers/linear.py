@@ -122,8 +122,9 @@ class LinearRule(LayerRule):
         if trainable(call.module, self.weight):
             out[self.weight], call.bounds[self.weight] = self._weight_norms(call, a, g)
         if trainable(call.module, self.bias):
-            # The clipped sum uses this same float32 sum_t g_t: the norm is that of what is released.
-            sq = g.sum(1).square().sum(1)
+            # The clipped sum adds this same float32 sum_t g_t: the norm is that of what is released.
+            grads = call.kept[self.bias] = g.sum(1)
+            sq = grads.square().sum(1)
             out[self.bias] = sq
             call.bounds[self.bias] = rounding_factor(g.shape[2], sq.dtype)
         return out
@@ -145,15 +146,16 @@ class LinearRule(LayerRule):
 
     def add_weighted_sum(self, call: LayerCall, weights: torch.Tensor, into: dict[str, torch.Tensor]) -> None:
         self._add_fast(call, weights, into)
-        for name, total in into.items():
-            add_exact(call, name, weights.to(total.device), total)
+        if call.exact:
+            for name, total in into.items():
+                add_exact(call, name, weights.to(total.device), total)
 
     def _add_fast(self, call: LayerCall, weights: torch.Tensor, into: dict[str, torch.Tensor]) -> None:
         """The clipped sum of the examples not handled exactly."""
         a, g = _as_sequence(call)
         weights = weights.to(g.dtype)
         if self.bias in into:
-            bias_grads = g.sum(1)  # (B, p), unweighted: the same sum as the bias norm's
+            bias_grads = call.kept[self.bias] if self.bias in call.kept else g.sum(1)  # (B, p), the norm's sum
             total = into[self.bias]
             total.add_((fast_weights(call, self.bias, weights) @ bias_grads).to(total.dtype))
         weight = into.get(self.weight)

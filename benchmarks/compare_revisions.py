@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_MODELS = ("mlp", "cnn", "lm", "gpt2")
+DEFAULT_MODELS = ("mlp", "cnn", "lm", "gpt2", "gpt2-mid")
 
 
 def paired_ratio(tree: Path, model: str, args: argparse.Namespace) -> float | None:

@@ -40,6 +40,7 @@ from dptrain.sampling import (
     UserPoissonBatchSampler,
     sample_space,
 )
+from dptrain.state_guard import StateGuard
 from dptrain.validators import ModuleValidator
 
 if TYPE_CHECKING:
@@ -171,6 +172,7 @@ class _Attachment:
     optimizer: DPOptimizer
     sampling: RandomSource | None  # None when the user's loader selects batches (poisson_sampling=False)
     rank: int
+    state_guard: StateGuard
 
 
 @dataclass
@@ -386,7 +388,7 @@ class PrivacyEngine:
             user_reduction=user_reduction if users is not None else None,
         )
         dp_optimizer.sample_rate = sample_rate
-        self._attached.append(_Attachment(module, hooked, dp_optimizer, sampling, rank))
+        self._attached.append(_Attachment(module, hooked, dp_optimizer, sampling, rank, StateGuard(hooked)))
         self.privacy_unit = privacy_unit
         if self._pending_optimizer_states:
             self._restore(self._attached[-1], self._pending_optimizer_states.pop(0))
@@ -543,6 +545,7 @@ class PrivacyEngine:
         self.close()
         for attached in self._attached:
             attached.optimizer.grad_sampler.detach()
+            attached.state_guard.detach()
             attached.optimizer.detached = True
             _PRIVATE_MODULES.discard(attached.hooked)
             if isinstance(attached.module, DistributedDataParallel):

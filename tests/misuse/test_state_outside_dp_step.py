@@ -1,0 +1,140 @@
+"""Issue #14 item 1: no parameter or buffer of the model changes during a training forward pass except through
+the DP optimizer's step. A layer that keeps statistics of the batch in a buffer, or rewrites its own weight in
+forward, saves data-dependent values with the model without noise: refused at the forward pass that does it,
+naming the tensor, whatever the engine. What legitimately happens outside forward passes stays allowed."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from dptrain import PrivacyEngine
+
+
+class Counting(nn.Module):
+    """Counts the inputs' total in a buffer (in place): data-dependent state outside the DP step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+        self.register_buffer("seen", torch.zeros(()))
+
+    def forward(self, x):
+        if self.training:
+            self.seen += x.detach().sum()
+        return self.lin(x)
+
+
+class Remembering(nn.Module):
+    """Replaces a buffer by the batch mean (a new tensor object, not an in-place change)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+        self.register_buffer("mean", torch.zeros(4))
+
+    def forward(self, x):
+        self.mean = x.detach().mean(0)
+        return self.lin(x)
+
+
+class SelfEditing(nn.Module):
+    """Moves its own weight towards the batch in forward, under no_grad (no gradient, no clipping, no noise)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.lin.weight.add_(1e-3 * x.mean(0))
+        return self.lin(x)
+
+
+def _private(model: nn.Module, mode: str = "auto", **kwargs):
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return PrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(data, batch_size=8), noise_multiplier=1.0, max_grad_norm=1.0,
+            poisson_sampling=False, grad_sample_mode=mode, **kwargs,
+        )
+
+
+def _one_step(model, optimizer, loader):
+    x, y = next(iter(loader))
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("mode", ["auto", "vmap"])
+@pytest.mark.parametrize(
+    "layer,tensor", [(Counting, "buffer seen"), (Remembering, "buffer mean"), (SelfEditing, "parameter lin.weight")]
+)
+def test_state_changed_in_a_training_forward_pass_is_refused_naming_it(layer, tensor, mode):
+    model, optimizer, loader = _private(layer(), mode)
+    x, _ = next(iter(loader))
+    with pytest.raises(RuntimeError, match=f"{tensor} changed during a training forward pass"):
+        model(x)
+    assert optimizer.steps_taken == 0
+
+
+def test_a_refused_forward_pass_leaves_nothing_to_step_on():
+    model, optimizer, loader = _private(Counting())
+    before = model.lin.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="buffer seen"):
+        _one_step(model, optimizer, loader)
+    assert torch.equal(model.lin.weight, before) and optimizer.steps_taken == 0
+
+
+def test_changes_outside_training_forward_passes_are_allowed():
+    """Evaluation without gradients, weights projected after step(), a checkpoint loaded between steps, physical
+    chunks of a logical batch: none is a change during a training forward pass."""
+    model, optimizer, loader = _private(Counting(), max_physical_batch_size=4)
+    x, _ = next(iter(loader))
+    with torch.no_grad():
+        model(x)  # evaluation: Counting counts, but no gradient flows (no training forward pass)
+    model.seen.zero_()  # a change outside any forward pass
+    model.eval()  # Counting keeps no statistics in eval mode: the DP steps proceed
+    steps = 0
+    for x, y in loader:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.lin.weight.clamp_(-0.5, 0.5)  # a projection after the step: a function of released values
+        steps += 1
+    assert optimizer.steps_taken == 4 and steps == 8  # 4 logical batches of 2 physical chunks
+    model.load_state_dict(model.state_dict())
+
+
+def test_frozen_parameters_stay_bit_identical_and_a_detached_model_is_unguarded():
+    engine = PrivacyEngine()
+    model = Counting()
+    model.lin.bias.requires_grad_(False)
+    bias = model.lin.bias.detach().clone()
+    data = TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, optimizer, loader = engine.make_private(
+            module=model, optimizer=torch.optim.SGD([model.lin.weight], lr=0.1),
+            data_loader=DataLoader(data, batch_size=8), noise_multiplier=1.0, max_grad_norm=1.0,
+            poisson_sampling=False,
+        )
+    model.eval()
+    for x, y in loader:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    assert torch.equal(model.lin.bias, bias)
+    engine.detach()
+    model.train()
+    model(torch.randn(2, 4))  # no longer private: no guard
+    assert float(model.seen) != 0.0

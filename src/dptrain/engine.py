@@ -31,6 +31,7 @@ from dptrain.accounting import (
     check_positive,
 )
 from dptrain.grad import make_grad_sampler
+from dptrain.independence import IndependenceCheck
 from dptrain.optim import DPOptimizer
 from dptrain.randomness import RandomSource
 from dptrain.sampling import (
@@ -173,6 +174,7 @@ class _Attachment:
     sampling: RandomSource | None  # None when the user's loader selects batches (poisson_sampling=False)
     rank: int
     state_guard: StateGuard
+    independence: IndependenceCheck
 
 
 @dataclass
@@ -388,7 +390,8 @@ class PrivacyEngine:
             user_reduction=user_reduction if users is not None else None,
         )
         dp_optimizer.sample_rate = sample_rate
-        self._attached.append(_Attachment(module, hooked, dp_optimizer, sampling, rank, StateGuard(hooked)))
+        independence = IndependenceCheck(hooked, grad_sampler.guard, 0 if batch_first else 1)
+        self._attached.append(_Attachment(module, hooked, dp_optimizer, sampling, rank, StateGuard(hooked), independence))
         self.privacy_unit = privacy_unit
         if self._pending_optimizer_states:
             self._restore(self._attached[-1], self._pending_optimizer_states.pop(0))
@@ -546,6 +549,7 @@ class PrivacyEngine:
         for attached in self._attached:
             attached.optimizer.grad_sampler.detach()
             attached.state_guard.detach()
+            attached.independence.detach()
             attached.optimizer.detached = True
             _PRIVATE_MODULES.discard(attached.hooked)
             if isinstance(attached.module, DistributedDataParallel):

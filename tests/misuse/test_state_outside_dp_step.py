@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dptrain import PrivacyEngine
+from dptrain.independence import IndependenceCheck
 
 
 class Counting(nn.Module):
@@ -138,3 +139,76 @@ def test_frozen_parameters_stay_bit_identical_and_a_detached_model_is_unguarded(
     model.train()
     model(torch.randn(2, 4))  # no longer private: no guard
     assert float(model.seen) != 0.0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Issue #14 item 2: no examples coupled through the model
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class BatchCentred(nn.Module):
+    """Subtracts the batch mean: every example's output (and gradient) depends on all the others."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.lin(x - x.mean(0, keepdim=True))
+
+
+class Independent(nn.Module):
+    """Dropout and a per-example LayerNorm: independent examples (the check must not be fooled by the masks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Dropout(0.5), nn.Linear(8, 2))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("mode", ["auto", "vmap"])
+def test_a_model_coupling_the_examples_of_a_batch_is_refused_at_the_first_forward_pass(mode):
+    model, optimizer, loader = _private(BatchCentred(), mode)
+    x, _ = next(iter(loader))
+    with pytest.raises(RuntimeError, match="couples the examples of a batch"):
+        model(x)
+
+
+def test_independent_examples_with_dropout_pass_the_check_and_train_as_before(monkeypatch):
+    """The check's extra pass forks the random generators: the training run draws the same dropout masks and
+    takes the same steps as a run without the check."""
+    results = []
+    for check in (True, False):
+        if not check:
+            monkeypatch.setattr(IndependenceCheck, "_after", lambda self, *args: None)
+        torch.manual_seed(2)
+        model, optimizer, loader = _private(Independent(), "auto", noise_generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(4)
+        for x, y in loader:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_the_check_runs_once_and_integer_inputs_are_not_checked():
+    model, optimizer, loader = _private(Independent())
+    hooks = [getattr(h, "__self__", None) for h in model._forward_hooks.values()]
+    check = next(h for h in hooks if isinstance(h, IndependenceCheck))
+    x, _ = next(iter(loader))
+    model(x)
+    assert check.checked
+    lookup = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 2))
+    data = TensorDataset(torch.randint(0, 10, (16, 3)), torch.randint(0, 2, (16,)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lookup, _, ids_loader = PrivacyEngine().make_private(
+            module=lookup, optimizer=torch.optim.SGD(lookup.parameters(), lr=0.1),
+            data_loader=DataLoader(data, batch_size=8), noise_multiplier=1.0, max_grad_norm=1.0,
+            poisson_sampling=False,
+        )
+    ids, _ = next(iter(ids_loader))
+    lookup(ids)  # token ids only: nothing to differentiate against, no error

@@ -8,7 +8,6 @@ passed, whose ``state_dict`` keys and save/load behaviour are unchanged.
 from __future__ import annotations
 
 import numbers
-import os
 import warnings
 import weakref
 from collections.abc import Callable
@@ -33,7 +32,7 @@ from dptrain.accounting import (
 from dptrain.grad import make_grad_sampler
 from dptrain.independence import IndependenceCheck
 from dptrain.optim import DPOptimizer
-from dptrain.randomness import RandomSource
+from dptrain.randomness import RandomSource, fresh_generator
 from dptrain.sampling import (
     ChunkSignal,
     DPDataLoader,
@@ -79,12 +78,6 @@ def _training_set(data_loader: DataLoader, distributed: bool = False) -> tuple[t
             indices = torch.unique(torch.cat(parts))
             indices = None if len(indices) == size else indices
     return indices, size if indices is None else len(indices)
-
-
-def _fresh_generator(device: torch.device | str = "cpu") -> torch.Generator:
-    """A torch generator seeded from the OS: never the stream of ``torch.manual_seed`` (which scripts call with the
-    same seed every time, so a resumed or repeated run would repeat its noise and batches)."""
-    return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "big") >> 1)
 
 
 def _seed_if_fresh(generator: torch.Generator | None) -> int | None:
@@ -144,7 +137,7 @@ def _sampling_source(secure: bool, generator: torch.Generator | None, rank: int,
     if secure:
         return RandomSource(secure=True)
     if generator is None:
-        return RandomSource(generator=_fresh_generator())
+        return RandomSource(generator=fresh_generator())
     if world_size == 1:
         return RandomSource(generator=generator)
     return RandomSource(generator=torch.Generator().manual_seed(generator.initial_seed() + 1 + rank))
@@ -323,7 +316,7 @@ class PrivacyEngine:
 
         noise_source = noise_generator
         if noise_source is None and not self.secure_mode:
-            noise_source = _fresh_generator(params[0].device)
+            noise_source = fresh_generator(params[0].device)
         random = RandomSource(secure=self.secure_mode, generator=noise_source)
         sampling: RandomSource | None = None
         signal = ChunkSignal()

@@ -36,14 +36,21 @@ def secure_normal(n: int) -> torch.Tensor:
     return (total / 2.0)[:n]
 
 
+def fresh_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator seeded from the OS: never the stream of ``torch.manual_seed`` (which scripts call with the
+    same seed every time, so a resumed or repeated run would repeat its noise and batches)."""
+    return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "big") >> 1)
+
+
 class RandomSource:
-    """Uniforms and normals from a seeded torch generator, or from the OS CSPRNG when ``secure``."""
+    """Uniforms and normals from a seeded torch generator, or from the OS CSPRNG when ``secure``; without either, a
+    generator seeded from the OS (``fresh_generator``), never torch's global generator."""
 
     def __init__(self, secure: bool = False, generator: torch.Generator | None = None) -> None:
         if secure and generator is not None:
             raise ValueError("secure_mode draws from the OS CSPRNG and cannot use a seeded generator; pass one or the other")
         self.secure = secure
-        self.generator = generator
+        self.generator = generator if secure or generator is not None else fresh_generator()
 
     def uniform(self, n: int) -> torch.Tensor:
         if self.secure:
@@ -53,8 +60,6 @@ class RandomSource:
     def normal(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         if self.secure:
             return secure_normal(math.prod(shape)).reshape(shape).to(dtype=dtype, device=device)
-        if self.generator is None:
-            return torch.randn(shape, dtype=dtype, device=device)
         noise = torch.randn(shape, generator=self.generator, dtype=dtype, device=self.generator.device)
         return noise.to(device)
 

@@ -22,6 +22,7 @@ from dptrain.audit.exposure import canary_exposure
 from dptrain.lm.data import trim_padding
 from dptrain.lm.generation import _EvalMode, generate, log_likelihood_fn
 from dptrain.lm.loss import token_log_likelihoods
+from dptrain.randomness import RandomSource
 
 
 def _batches(dataset: Dataset, batch_size: int):
@@ -83,6 +84,7 @@ def private_validation_perplexity(
     loss_bound: float = 2.0,
     generator: torch.Generator | None = None,
     batch_size: int = 256,
+    random: RandomSource | None = None,
 ) -> PrivatePerplexity:
     """Validation perplexity with user-level (add/remove one user) DP: a Gaussian mechanism on two sums.
 
@@ -92,7 +94,13 @@ def private_validation_perplexity(
     loss is B * (noisy loss sum) / (noisy count). Record it as one step of sampling rate 1 and noise multiplier
     sigma (``BudgetLedger.spend(budget, 1.0, sigma, 1)``). Losses above B are clipped, which biases the estimate
     down for a poor model; pick B above the losses you expect (the same for every release, fixed in advance).
+
+    The noise comes from ``random`` (e.g. the training engine's source, ``RandomSource(secure=True)`` for a secure
+    run), else from ``generator`` (a seeded release, reproducible), else from a generator seeded by the OS: never
+    from torch's global generator, which scripts seed alike every time.
     """
+    if random is not None and generator is not None:
+        raise ValueError("pass the noise's random source or a generator, not both")
     if not loss_bound > 0:
         raise ValueError(f"loss_bound must be > 0, got {loss_bound}")
     if not noise_multiplier > 0:
@@ -105,7 +113,8 @@ def private_validation_perplexity(
     user_loss = np.bincount(inverse, weights=sums) / np.maximum(np.bincount(inverse, weights=counts), 1)
     clipped = np.minimum(user_loss, loss_bound) / loss_bound
     scale = 1.0 / math.sqrt(2.0)
-    noise = torch.randn(2, generator=generator, dtype=torch.float64).numpy() * noise_multiplier
+    source = random if random is not None else RandomSource(generator=generator)
+    noise = source.normal(torch.Size([2]), torch.float64, torch.device("cpu")).numpy() * noise_multiplier
     noisy_sum = clipped.sum() * scale + noise[0]
     noisy_count = len(unique) * scale + noise[1]
     mean = float(np.clip(loss_bound * noisy_sum / max(noisy_count, scale), 0.0, loss_bound))

@@ -6,8 +6,12 @@ import copy
 import math
 
 from torch import nn
+from torch.ao.quantization import FakeQuantizeBase, ObserverBase
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.utils.parametrizations import _SpectralNorm
+from torch.nn.utils.spectral_norm import SpectralNorm
 
 
 class UnsupportedModuleError(ValueError):
@@ -30,6 +34,30 @@ def _group_norm_for(bn: _BatchNorm) -> nn.GroupNorm:
     channels = bn.num_features
     groups = 1 if isinstance(bn, nn.BatchNorm1d) else math.gcd(32, channels)
     return nn.GroupNorm(groups, channels, eps=bn.eps, affine=bn.affine)
+
+
+def _training_state(module: nn.Module) -> tuple[str, str] | None:
+    """(reason, fix) for a layer that changes its own state in a training forward pass (refused then by the
+    engine's ``StateGuard``), as far as its type and configuration tell; None otherwise."""
+    if isinstance(module, (ObserverBase, FakeQuantizeBase)):
+        return (
+            "a quantization observer records statistics of the data (running min/max) in its buffers during "
+            "training, saved with the model without noise",
+            "train without observers (quantization-aware training is not supported under DP) and quantize afterwards",
+        )
+    if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+        return (
+            "a lazy module creates its parameters at its first forward pass, after make_private has planned them",
+            "run one forward pass on dummy data (or build the layer with explicit sizes) before make_private",
+        )
+    if any(isinstance(hook, SpectralNorm) for hook in module._forward_pre_hooks.values()) or isinstance(
+        module, _SpectralNorm
+    ):
+        return (
+            "spectral normalisation updates its power-iteration vectors in buffers at every training forward pass",
+            "remove spectral_norm, or constrain the weights after optimizer.step() instead",
+        )
+    return None
 
 
 class ModuleValidator:
@@ -59,6 +87,10 @@ class ModuleValidator:
                         "construct it with track_running_stats=False",
                     )
                 )
+            else:
+                stateful = _training_state(sub)
+                if stateful is not None:
+                    errors.append(UnsupportedModuleError(path, sub, *stateful))
         if strict and errors:
             raise errors[0]
         return errors

@@ -212,3 +212,22 @@ def test_the_check_runs_once_and_integer_inputs_are_not_checked():
         )
     ids, _ = next(iter(ids_loader))
     lookup(ids)  # token ids only: nothing to differentiate against, no error
+
+
+def test_module_validator_lists_layers_that_change_their_state_in_training_ahead_of_time():
+    from torch.ao.quantization import MinMaxObserver
+    from torch.nn.utils import spectral_norm
+    from torch.nn.utils.parametrizations import spectral_norm as parametrized_spectral_norm
+
+    from dptrain import ModuleValidator
+
+    model = nn.Sequential(
+        spectral_norm(nn.Linear(4, 4)), parametrized_spectral_norm(nn.Linear(4, 4)), MinMaxObserver(), nn.LazyLinear(2)
+    )
+    errors = ModuleValidator.validate(model)
+    reasons = {e.path: e.reason for e in errors}
+    assert set(reasons) == {"0", "1.parametrizations.weight.0", "2", "3"}, reasons
+    assert "power-iteration" in reasons["0"] and "observer" in reasons["2"] and "lazy" in reasons["3"]
+    assert ModuleValidator.validate(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))) == []
+    with pytest.raises(ValueError, match="spectral"):
+        _private(nn.Sequential(spectral_norm(nn.Linear(4, 2))))

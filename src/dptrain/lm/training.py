@@ -59,7 +59,7 @@ class TrainingResult:
     noise_multiplier: float = 0.0
     sample_rate: float | None = None
     privacy_unit: str | None = None
-    losses: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # per epoch, only when asked for (see train_causal_lm)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -90,6 +90,7 @@ def train_causal_lm(
     privacy: PrivacySettings | None = None,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    training_loss: bool | None = None,
 ) -> TrainingResult:
     """Train ``model`` (its trainable parameters, e.g. LoRA adapters) with Adam on ``dataset`` of
     ``(input_ids, attention_mask)`` for ``epochs`` epochs.
@@ -98,7 +99,13 @@ def train_causal_lm(
     Poisson sampling (of users when ``privacy.privacy_unit == "user"``, which needs ``user_ids``), the noise
     calibrated to ``privacy.target_epsilon``. Empty Poisson batches skip the forward pass (the engine still adds the
     step's noise). The model is left in train mode with the engine's hooks attached.
+
+    ``training_loss``: record each epoch's mean training loss in ``result.losses`` and ``log`` it. It is a
+    statistic of the training data computed without noise, so under DP it is off by default (None: on without
+    ``privacy`` only); turned on, it is outside the guarantee and says so in the log.
     """
+    if training_loss is None:
+        training_loss = privacy is None
     params = trainable_parameters(model)
     if not params:
         raise ValueError("the model has no trainable parameters")
@@ -151,11 +158,16 @@ def train_causal_lm(
                 if input_ids.shape[0] > 0:
                     loss = _lm_step_loss(model, input_ids, attention_mask)
                     loss.backward()
-                    total, count = total + loss.item() * input_ids.shape[0], count + input_ids.shape[0]
+                    if training_loss:
+                        total, count = total + loss.item() * input_ids.shape[0], count + input_ids.shape[0]
                 optimizer.step()  # DP: one real step per logical batch, after its last physical chunk
-            result.losses.append(total / max(count, 1))
-            if log is not None:
-                log(f"  epoch {epoch + 1}/{epochs}: mean training loss {result.losses[-1]:.4f}")
+            if training_loss:
+                result.losses.append(total / max(count, 1))
+                outside = " (outside the DP guarantee: computed without noise)" if privacy is not None else ""
+                if log is not None:
+                    log(f"  epoch {epoch + 1}/{epochs}: mean training loss {result.losses[-1]:.4f}{outside}")
+            elif log is not None:
+                log(f"  epoch {epoch + 1}/{epochs} done")
     finally:
         result.seconds = time.perf_counter() - start
         if engine is not None:

@@ -6,8 +6,9 @@ but also any ``x - x.mean(0)`` in a custom ``forward``) couples the examples: ea
 information about all the others, and no clipping bounds it. ``IndependenceCheck`` verifies it on the first forward
 pass with gradients: it runs the same pass again (random generators forked, so dropout and the user's stream are
 unaffected; the engine's hooks record nothing) with the floating-point inputs as leaves, and takes the gradient of
-example 0's outputs with respect to every input. Any gradient on another example's row is refused. Models whose
-inputs are all integer (token ids) have nothing to differentiate against here and are not checked.
+example 0's outputs with respect to every input. Any gradient on another example's row is refused. Token ids
+cannot be differentiated: for them the outputs of the model's embedding layers (``nn.Embedding``, batched) are made
+the leaves instead, so language models are checked from their first hidden states on.
 """
 
 from __future__ import annotations
@@ -32,40 +33,67 @@ class IndependenceCheck:
     def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
         if self.checked or self.guard.active or not torch.is_grad_enabled():
             return
-        self.checked = True
         leaves, spec = tree_flatten((args, kwargs))
         batched = [
             i for i, t in enumerate(leaves)
             if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() > self.batch_dim
         ]  # fmt: skip
-        sizes = {leaves[i].shape[self.batch_dim] for i in batched}
-        if len(sizes) != 1 or sizes.pop() < 2:
-            return  # no floating-point batched input (token ids), or a single example: nothing to compare
         inputs = [leaves[i].detach().clone().requires_grad_(True) for i in batched]
         for i, t in zip(batched, inputs):
             leaves[i] = t
         new_args, new_kwargs = tree_unflatten(leaves, spec)
-        devices = sorted({t.device.index for t in inputs if t.is_cuda})
-        with torch.random.fork_rng(devices=devices), self.guard.replaying(), torch.enable_grad():
-            outputs = tree_flatten(module(*new_args, **new_kwargs))[0]
-            firsts = [
-                t.select(self.batch_dim, 0) for t in outputs
-                if isinstance(t, torch.Tensor) and t.requires_grad and t.dim() > self.batch_dim
-            ]  # fmt: skip
-            if not firsts:
-                return
-            generator = torch.Generator().manual_seed(0)  # weights of example 0's outputs: not the user's stream
-            target = sum((t * torch.rand(t.shape, generator=generator).to(t)).sum() for t in firsts)
-            grads = torch.autograd.grad(target, inputs, allow_unused=True)
-        for index, grad in zip(batched, grads):
+        embedded: list[torch.Tensor] = []  # the embedding layers' outputs of the re-run, as leaves
+
+        ids = [t for t in leaves if isinstance(t, torch.Tensor) and not t.is_floating_point()]
+
+        def as_leaf(layer: nn.Module, layer_args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+            # Only an embedding of the model's own token ids, in their layout (examples on ``batch_dim``): one
+            # applied to rearranged ids (a transpose inside forward) has its examples elsewhere.
+            if not layer_args or not any(_same_layout(layer_args[0], t) for t in ids):
+                return None
+            leaf = out.detach().requires_grad_(True)
+            embedded.append(leaf)
+            return leaf
+
+        hooks = [m.register_forward_hook(as_leaf) for m in module.modules() if isinstance(m, nn.Embedding)]
+        devices = sorted({t.device.index for t in leaves if isinstance(t, torch.Tensor) and t.is_cuda})
+        try:
+            with torch.random.fork_rng(devices=devices), self.guard.replaying(), torch.enable_grad():
+                outputs = tree_flatten(module(*new_args, **new_kwargs))[0]
+                firsts = [
+                    t.select(self.batch_dim, 0) for t in outputs
+                    if isinstance(t, torch.Tensor) and t.requires_grad and t.dim() > self.batch_dim
+                    and t.shape[self.batch_dim] > 1
+                ]  # fmt: skip
+                sources = [
+                    t for t in inputs + embedded if t.dim() > self.batch_dim and t.shape[self.batch_dim] > 1
+                ]  # a broadcast leading 1 (position embeddings) holds no example of its own
+                if not firsts or not sources:
+                    return  # a batch of one example (or none): checked at a later forward pass
+                self.checked = True
+                generator = torch.Generator().manual_seed(0)  # weights of example 0's outputs: not the user's stream
+                target = sum((t * torch.rand(t.shape, generator=generator).to(t)).sum() for t in firsts)
+                grads = torch.autograd.grad(target, sources, allow_unused=True)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        for grad in grads:
             if grad is not None and bool(grad.movedim(self.batch_dim, 0)[1:].ne(0).any()):
                 raise RuntimeError(
-                    "the model couples the examples of a batch: example 0's output depends on other examples' inputs "
-                    f"(input {index} of forward). A layer that uses statistics of the batch (a mean or norm over the "
-                    "batch dimension, BatchNorm-like layers) makes each example's gradient depend on all the others, "
-                    "and per-example clipping no longer bounds any example's influence. Normalise per example "
-                    "(LayerNorm, GroupNorm) instead"
+                    "the model couples the examples of a batch: example 0's output depends on other examples' inputs. "
+                    "A layer that uses statistics of the batch (a mean or norm over the batch dimension, "
+                    "BatchNorm-like layers) makes each example's gradient depend on all the others, and per-example "
+                    "clipping no longer bounds any example's influence. Normalise per example (LayerNorm, "
+                    "GroupNorm) instead"
                 )
 
     def detach(self) -> None:
         self._handle.remove()
+
+
+def _same_layout(a: object, b: torch.Tensor) -> bool:
+    """Whether ``a`` is ``b``'s elements in ``b``'s layout (the same tensor, or a view that changes nothing)."""
+    return (
+        isinstance(a, torch.Tensor) and a.data_ptr() == b.data_ptr() and a.shape == b.shape
+        and a.stride() == b.stride() and a.dtype == b.dtype
+    )  # fmt: skip

@@ -194,7 +194,7 @@ def test_independent_examples_with_dropout_pass_the_check_and_train_as_before(mo
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
-def test_the_check_runs_once_and_integer_inputs_are_not_checked():
+def test_the_check_runs_once_and_passes_an_independent_token_model():
     model, optimizer, loader = _private(Independent())
     hooks = [getattr(h, "__self__", None) for h in model._forward_hooks.values()]
     check = next(h for h in hooks if isinstance(h, IndependenceCheck))
@@ -211,7 +211,7 @@ def test_the_check_runs_once_and_integer_inputs_are_not_checked():
             poisson_sampling=False,
         )
     ids, _ = next(iter(ids_loader))
-    lookup(ids)  # token ids only: nothing to differentiate against, no error
+    lookup(ids)  # token ids: checked from the embedding outputs on, independent: no error
 
 
 def test_module_validator_lists_layers_that_change_their_state_in_training_ahead_of_time():
@@ -231,3 +231,61 @@ def test_module_validator_lists_layers_that_change_their_state_in_training_ahead
     assert ModuleValidator.validate(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))) == []
     with pytest.raises(ValueError, match="spectral"):
         _private(nn.Sequential(spectral_norm(nn.Linear(4, 2))))
+
+
+class TokenMixer(nn.Module):
+    """Token ids in, but the hidden states are centred over the batch: coupled after the embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, ids):
+        h = self.embed(ids).mean(1)
+        return self.head(h - h.mean(0, keepdim=True))
+
+
+def test_a_token_model_coupling_its_examples_after_the_embedding_is_refused():
+    model = TokenMixer()
+    data = TensorDataset(torch.randint(0, 10, (16, 3)), torch.randint(0, 2, (16,)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, _, loader = PrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(data, batch_size=8), noise_multiplier=1.0, max_grad_norm=1.0,
+            poisson_sampling=False,
+        )
+    ids, _ = next(iter(loader))
+    with pytest.raises(RuntimeError, match="couples the examples of a batch"):
+        model(ids)
+
+
+def test_a_first_batch_of_one_example_defers_the_check_to_a_larger_batch():
+    model, _, loader = _private(BatchCentred())
+    hooks = [getattr(h, "__self__", None) for h in model._forward_hooks.values()]
+    check = next(h for h in hooks if isinstance(h, IndependenceCheck))
+    x, _ = next(iter(loader))
+    model(x[:1])  # nothing to compare with one example
+    assert not check.checked
+    with pytest.raises(RuntimeError, match="couples the examples of a batch"):
+        model(x)
+
+
+def test_a_hugging_face_gpt2_is_checked_from_its_token_embeddings_and_passes():
+    from dptrain.lm import tiny_gpt2
+
+    model = tiny_gpt2(32, n_layer=1, n_embd=16, n_head=2, n_positions=8, seed=0)
+    data = TensorDataset(torch.randint(0, 32, (8, 6)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, _, loader = PrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(data, batch_size=4), noise_multiplier=1.0, max_grad_norm=1.0,
+            poisson_sampling=False,
+        )
+    hooks = [getattr(h, "__self__", None) for h in model._forward_hooks.values()]
+    check = next(h for h in hooks if isinstance(h, IndependenceCheck))
+    (ids,) = next(iter(loader))
+    model(ids)
+    assert check.checked  # the check ran (from the wte output; wpe's broadcast leading 1 holds no example)

@@ -56,16 +56,26 @@ class SelfEditing(nn.Module):
         return self.lin(x)
 
 
-def _private(model: nn.Module, mode: str = "auto", **kwargs):
+def _private(model: nn.Module, mode: str = "auto", data: TensorDataset | None = None, batch_size: int = 8, **kwargs):
     torch.manual_seed(0)
-    data = TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,)))
+    if data is None:
+        data = TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return PrivacyEngine().make_private(
             module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-            data_loader=DataLoader(data, batch_size=8), noise_multiplier=1.0, max_grad_norm=1.0,
+            data_loader=DataLoader(data, batch_size=batch_size), noise_multiplier=1.0, max_grad_norm=1.0,
             poisson_sampling=False, grad_sample_mode=mode, **kwargs,
         )
+
+
+def _check_of(model: nn.Module) -> "IndependenceCheck":
+    hooks = [getattr(h, "__self__", None) for h in model._forward_hooks.values()]
+    return next(h for h in hooks if isinstance(h, IndependenceCheck))
+
+
+def _token_data(vocab: int, steps: int, count: int = 16) -> TensorDataset:
+    return TensorDataset(torch.randint(0, vocab, (count, steps)), torch.randint(0, 2, (count,)))
 
 
 def _one_step(model, optimizer, loader):
@@ -196,22 +206,14 @@ def test_independent_examples_with_dropout_pass_the_check_and_train_as_before(mo
 
 def test_the_check_runs_once_and_passes_an_independent_token_model():
     model, optimizer, loader = _private(Independent())
-    hooks = [getattr(h, "__self__", None) for h in model._forward_hooks.values()]
-    check = next(h for h in hooks if isinstance(h, IndependenceCheck))
     x, _ = next(iter(loader))
     model(x)
-    assert check.checked
+    assert _check_of(model).checked
     lookup = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 2))
-    data = TensorDataset(torch.randint(0, 10, (16, 3)), torch.randint(0, 2, (16,)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        lookup, _, ids_loader = PrivacyEngine().make_private(
-            module=lookup, optimizer=torch.optim.SGD(lookup.parameters(), lr=0.1),
-            data_loader=DataLoader(data, batch_size=8), noise_multiplier=1.0, max_grad_norm=1.0,
-            poisson_sampling=False,
-        )
+    lookup, _, ids_loader = _private(lookup, data=_token_data(10, 3))
     ids, _ = next(iter(ids_loader))
     lookup(ids)  # token ids: checked from the embedding outputs on, independent: no error
+    assert _check_of(lookup).checked
 
 
 def test_module_validator_lists_layers_that_change_their_state_in_training_ahead_of_time():
@@ -247,15 +249,7 @@ class TokenMixer(nn.Module):
 
 
 def test_a_token_model_coupling_its_examples_after_the_embedding_is_refused():
-    model = TokenMixer()
-    data = TensorDataset(torch.randint(0, 10, (16, 3)), torch.randint(0, 2, (16,)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model, _, loader = PrivacyEngine().make_private(
-            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-            data_loader=DataLoader(data, batch_size=8), noise_multiplier=1.0, max_grad_norm=1.0,
-            poisson_sampling=False,
-        )
+    model, _, loader = _private(TokenMixer(), data=_token_data(10, 3))
     ids, _ = next(iter(loader))
     with pytest.raises(RuntimeError, match="couples the examples of a batch"):
         model(ids)
@@ -263,8 +257,7 @@ def test_a_token_model_coupling_its_examples_after_the_embedding_is_refused():
 
 def test_a_first_batch_of_one_example_defers_the_check_to_a_larger_batch():
     model, _, loader = _private(BatchCentred())
-    hooks = [getattr(h, "__self__", None) for h in model._forward_hooks.values()]
-    check = next(h for h in hooks if isinstance(h, IndependenceCheck))
+    check = _check_of(model)
     x, _ = next(iter(loader))
     model(x[:1])  # nothing to compare with one example
     assert not check.checked
@@ -276,16 +269,7 @@ def test_a_hugging_face_gpt2_is_checked_from_its_token_embeddings_and_passes():
     from dptrain.lm import tiny_gpt2
 
     model = tiny_gpt2(32, n_layer=1, n_embd=16, n_head=2, n_positions=8, seed=0)
-    data = TensorDataset(torch.randint(0, 32, (8, 6)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model, _, loader = PrivacyEngine().make_private(
-            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-            data_loader=DataLoader(data, batch_size=4), noise_multiplier=1.0, max_grad_norm=1.0,
-            poisson_sampling=False,
-        )
-    hooks = [getattr(h, "__self__", None) for h in model._forward_hooks.values()]
-    check = next(h for h in hooks if isinstance(h, IndependenceCheck))
-    (ids,) = next(iter(loader))
+    model, _, loader = _private(model, data=_token_data(32, 6, count=8), batch_size=4)
+    ids, _ = next(iter(loader))
     model(ids)
-    assert check.checked  # the check ran (from the wte output; wpe's broadcast leading 1 holds no example)
+    assert _check_of(model).checked  # the check ran (from the wte output; wpe's broadcast leading 1 holds no example)

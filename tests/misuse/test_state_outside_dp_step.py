@@ -273,3 +273,24 @@ def test_a_hugging_face_gpt2_is_checked_from_its_token_embeddings_and_passes():
     ids, _ = next(iter(loader))
     model(ids)
     assert _check_of(model).checked  # the check ran (from the wte output; wpe's broadcast leading 1 holds no example)
+
+
+def test_the_check_reruns_a_few_examples_and_the_whole_batch_when_the_forward_needs_it():
+    """A forward that only runs on its batch's size (a state passed in for every example) gets the whole batch."""
+
+    class WithState(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 2)
+
+        def forward(self, x):
+            state = torch.zeros(8, 2)  # needs exactly 8 examples
+            return self.lin(x - x.mean(0, keepdim=True)) + state
+
+    seen: list[int] = []
+    model, _, loader = _private(WithState())
+    model.lin.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[0]))
+    x, _ = next(iter(loader))
+    with pytest.raises(RuntimeError, match="couples the examples of a batch"):
+        model(x)
+    assert seen == [8, 4, 8]  # the user's pass, the sub-batch attempt, the whole batch

@@ -143,6 +143,22 @@ def test_crafted_cancellation_norm_matches_float64_brute_force(case):
     assert exact > 5 * C, "the case must need clipping"
 
 
+def _noiseless_one_per_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, lr: float):
+    """The fast engine on ``model`` with SGD(lr), no noise and one example per step (shuffled batches: the
+    accounting is not the point here)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return PrivacyEngine().make_private(
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=lr),
+            data_loader=DataLoader(TensorDataset(x, target), batch_size=1),
+            noise_multiplier=0.0,
+            max_grad_norm=C,
+            poisson_sampling=False,
+            grad_sample_mode="auto",
+        )
+
+
 @pytest.mark.parametrize("case", sorted(MODEL_CASES))
 def test_crafted_cancellation_dp_step_releases_at_most_the_clipped_gradient(case):
     """A full noiseless DP step on the one crafted example: update = -clip(G) (SGD lr=1), norm <= C (1 + 1e-4)."""
@@ -150,18 +166,7 @@ def test_crafted_cancellation_dp_step_releases_at_most_the_clipped_gradient(case
     exact = _exact_gradient(model, x, target)
     factor = min(1.0, C / _norm(exact))
     before = [p.detach().clone() for p in model.parameters()]
-    loader = DataLoader(TensorDataset(x, target), batch_size=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # poisson_sampling=False: the accounting is not the point here
-        model, optimizer, loader = PrivacyEngine().make_private(
-            module=model,
-            optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
-            data_loader=loader,
-            noise_multiplier=0.0,
-            max_grad_norm=C,
-            poisson_sampling=False,
-            grad_sample_mode="auto",
-        )
+    model, optimizer, loader = _noiseless_one_per_step(model, x, target, lr=1.0)
     for xb, tb in loader:
         optimizer.zero_grad()
         _loss(model, xb, tb).backward()
@@ -334,18 +339,7 @@ def test_bfloat16_model_clipped_contributions_stay_within_c_in_the_float32_step_
     model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4)).to(torch.bfloat16)
     x = (torch.randn(6, 3, 16) * 4).to(torch.bfloat16)
     target = (torch.randn(6, 3, 4) * 100).to(torch.bfloat16)
-    loader = DataLoader(TensorDataset(x, target), batch_size=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model, optimizer, loader = PrivacyEngine().make_private(
-            module=model,
-            optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
-            data_loader=loader,
-            noise_multiplier=0.0,
-            max_grad_norm=C,
-            poisson_sampling=False,
-            grad_sample_mode="auto",
-        )
+    model, optimizer, loader = _noiseless_one_per_step(model, x, target, lr=0.0)
     contributions, dtypes = [], set()
 
     def record(opt, totals: dict) -> None:

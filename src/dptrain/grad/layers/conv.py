@@ -31,16 +31,14 @@ from dptrain.grad.layers import (
     LayerRule,
     _recomputed,
     add_exact,
-    certified_gram_sum,
     dense_exact,
     fast_weights,
-    refined_gram_sum,
     register_rule,
-    rounding_factor,
     trainable,
     uncertain,
     upcast,
 )
+from dptrain.grad.layers.gram import certified_gram_sum, refined_gram_sum, rounding_factor
 from dptrain.grad.layers.linear import ghost_is_cheaper
 
 

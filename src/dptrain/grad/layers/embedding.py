@@ -20,15 +20,13 @@ from dptrain.grad.layers import (
     LayerRule,
     _recomputed,
     add_exact,
-    certified_gram_sum,
     fast_weights,
-    refined_gram_sum,
     register_rule,
-    rounding_factor,
     trainable,
     uncertain,
     upcast,
 )
+from dptrain.grad.layers.gram import certified_gram_sum, refined_gram_sum, rounding_factor
 
 
 def _ids_and_grads(call: LayerCall) -> tuple[torch.Tensor, torch.Tensor]:

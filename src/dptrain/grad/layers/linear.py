@@ -15,23 +15,20 @@ import torch
 from torch import nn
 
 from dptrain.grad.layers import (
-    SYMMETRIC_BLOCKS_FROM,
     LayerCall,
     LayerRule,
     add_exact,
     _recomputed,
-    certified_gram_sum,
     compute_dtype,
     dense_exact,
     fast_weights,
     register_rule,
-    refined_gram_sum,
     register_rule_by_name,
-    rounding_factor,
     trainable,
     uncertain,
     upcast,
 )
+from dptrain.grad.layers.gram import SYMMETRIC_BLOCKS_FROM, certified_gram_sum, refined_gram_sum, rounding_factor
 
 __all__ = ["SYMMETRIC_BLOCKS_FROM", "LinearRule", "ghost_is_cheaper", "ghost_norms"]
 

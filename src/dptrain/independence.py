@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from dptrain.grad.base import ReplayGuard
+from dptrain.grad.base import ReplayGuard, example_zero_objective, same_layout
 
 
 #: Examples the check's extra forward pass runs on (the first ones of the batch).
@@ -84,7 +84,7 @@ class IndependenceCheck:
         def as_leaf(layer: nn.Module, layer_args: tuple, out: torch.Tensor) -> torch.Tensor | None:
             # Only an embedding of the model's own token ids, in their layout (examples on ``batch_dim``): one
             # applied to rearranged ids (a transpose inside forward) has its examples elsewhere.
-            if not layer_args or not any(_same_layout(layer_args[0], t) for t in ids):
+            if not layer_args or not any(same_layout(layer_args[0], t) for t in ids):
                 return None
             leaf = out.detach().requires_grad_(True)
             embedded.append(leaf)
@@ -95,18 +95,13 @@ class IndependenceCheck:
         try:
             with torch.random.fork_rng(devices=devices), self.guard.replaying(), torch.enable_grad():
                 outputs = tree_flatten(module(*new_args, **new_kwargs))[0]
-                firsts = [
-                    t.select(self.batch_dim, 0) for t in outputs
-                    if isinstance(t, torch.Tensor) and t.requires_grad and t.dim() > self.batch_dim
-                    and t.shape[self.batch_dim] > 1
-                ]  # fmt: skip
+                # Weights of example 0's outputs from a generator of the check's own, not the user's stream.
+                target = example_zero_objective(outputs, self.batch_dim, keep, torch.Generator().manual_seed(0))
                 sources = [
-                    t for t in inputs + embedded if t.dim() > self.batch_dim and t.shape[self.batch_dim] > 1
+                    t for t in inputs + embedded if t.dim() > self.batch_dim and t.shape[self.batch_dim] == keep
                 ]  # a broadcast leading 1 (position embeddings) holds no example of its own
-                if not firsts or not sources:
+                if target is None or not sources:
                     return None
-                generator = torch.Generator().manual_seed(0)  # weights of example 0's outputs: not the user's stream
-                target = sum((t * torch.rand(t.shape, generator=generator).to(t)).sum() for t in firsts)
                 return torch.autograd.grad(target, sources, allow_unused=True)
         finally:
             for hook in hooks:
@@ -114,11 +109,3 @@ class IndependenceCheck:
 
     def detach(self) -> None:
         self._handle.remove()
-
-
-def _same_layout(a: object, b: torch.Tensor) -> bool:
-    """Whether ``a`` is ``b``'s elements in ``b``'s layout (the same tensor, or a view that changes nothing)."""
-    return (
-        isinstance(a, torch.Tensor) and a.data_ptr() == b.data_ptr() and a.shape == b.shape
-        and a.stride() == b.stride() and a.dtype == b.dtype
-    )  # fmt: skip

@@ -46,6 +46,29 @@ def per_example_weighted_sums(grads: dict[Any, torch.Tensor], weights: torch.Ten
     return sums
 
 
+def same_layout(a: object, b: torch.Tensor) -> bool:
+    """Whether ``a`` holds ``b``'s elements in ``b``'s layout (the same tensor, or a view that changes nothing)."""
+    return (
+        isinstance(a, torch.Tensor) and a.data_ptr() == b.data_ptr() and a.dtype == b.dtype
+        and a.shape == b.shape and a.stride() == b.stride()
+    )  # fmt: skip
+
+
+def example_zero_objective(
+    outputs: Iterable[object], batch_dim: int, batch_size: int, generator: torch.Generator
+) -> torch.Tensor | None:
+    """A random linear function of example 0's outputs (the batched tensors among ``outputs`` that need gradient),
+    weights from ``generator``: its gradient is non-zero exactly where example 0's outputs depend. None when no
+    output is batched."""
+    firsts = [
+        t.select(batch_dim, 0) for t in outputs
+        if isinstance(t, torch.Tensor) and t.requires_grad and t.dim() > batch_dim and t.shape[batch_dim] == batch_size
+    ]  # fmt: skip
+    if not firsts:
+        return None
+    return sum((t * torch.rand(t.shape, generator=generator).to(t)).sum() for t in firsts)
+
+
 class PerExampleGradients(ABC):
     """The per-example gradients of one physical batch, exposed only through what DP-SGD needs.
 

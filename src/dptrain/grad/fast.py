@@ -29,6 +29,8 @@ from dptrain.grad.base import (
     MaterializedGradients,
     PerExampleGradients,
     ReplayGuard,
+    example_zero_objective,
+    same_layout,
 )
 from dptrain.grad.layers import (
     MATERIALISED,
@@ -326,11 +328,7 @@ class FastGradSampler(GradSampler):
 
     def _is_root_input(self, activation: torch.Tensor) -> bool:
         """Whether ``activation`` is one of the module's inputs (the same elements in the same layout)."""
-        return any(
-            isinstance(t, torch.Tensor) and t.data_ptr() == activation.data_ptr() and t.dtype == activation.dtype
-            and t.shape == activation.shape and t.stride() == activation.stride()
-            for t in self._root_inputs
-        )
+        return any(same_layout(activation, t) for t in self._root_inputs if isinstance(t, torch.Tensor))
 
     def _probe(self, batch_size: int) -> dict[tuple[nn.Module, int], int]:
         """Which dimension carries the examples at each rule layer, where several fit: the current forward pass run
@@ -343,16 +341,10 @@ class FastGradSampler(GradSampler):
         try:
             with torch.random.fork_rng(devices=cuda), self.guard.replaying(), torch.enable_grad():
                 outputs = torch.utils._pytree.tree_flatten(self.module(*args, **kwargs))[0]
-                firsts = [
-                    t.select(self.batch_dim, 0) for t in outputs
-                    if isinstance(t, torch.Tensor) and t.requires_grad and t.dim() > self.batch_dim
-                    and t.shape[self.batch_dim] == batch_size
-                ]
+                target = example_zero_objective(outputs, self.batch_dim, batch_size, self._probe_weights)
                 probed = [(m, a, o) for m, a, o in self._probed if o.requires_grad]
-                if not firsts or not probed:
+                if target is None or not probed:
                     return {}
-                weights = [torch.rand(t.shape, generator=self._probe_weights).to(t) for t in firsts]
-                target = sum((t * w).sum() for t, w in zip(firsts, weights))
                 grads = torch.autograd.grad(target, [o for _, _, o in probed], allow_unused=True)
         finally:
             self._probed = None

@@ -11,6 +11,8 @@ projecting the weights after ``step()``) and forward passes without gradients (e
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -49,6 +51,9 @@ class StateGuard:
     def _end(self, module: nn.Module, args: tuple, output: object) -> None:
         self._depth -= 1
         if self._depth == 0:
+            if sys.exc_info()[1] is not None:  # the forward pass raised: its own error goes through, unmasked
+                self._snapshot = None
+                return
             self.check()
 
     def check(self) -> None:

@@ -294,3 +294,19 @@ def test_the_check_reruns_a_few_examples_and_the_whole_batch_when_the_forward_ne
     with pytest.raises(RuntimeError, match="couples the examples of a batch"):
         model(x)
     assert seen == [8, 4, 8]  # the user's pass, the sub-batch attempt, the whole batch
+
+
+def test_an_error_of_the_forward_pass_itself_is_not_masked_by_the_state_check():
+    class Failing(Counting):
+        def forward(self, x):
+            super().forward(x)  # changes the buffer, then fails
+            raise ValueError("the user's own error")
+
+    model, _, loader = _private(Failing())
+    x, _ = next(iter(loader))
+    with warnings.catch_warnings(), pytest.raises(ValueError, match="the user's own error"):
+        warnings.simplefilter("error")  # not even a warning about a silenced second error
+        model(x)
+    model.eval()  # the next pass starts a fresh snapshot: nothing left over from the failed one
+    with pytest.raises(ValueError, match="the user's own error"):
+        model(x)

@@ -58,3 +58,25 @@ def test_the_private_validation_perplexity_noise_is_fresh_secure_or_seeded_never
     assert c != d
     seeded = [release(generator=torch.Generator().manual_seed(5)) for _ in range(2)]
     assert seeded[0] == seeded[1]  # a seeded release is reproducible, by the caller's choice
+
+
+def test_a_dp_language_model_run_hands_its_own_noise_stream_to_later_releases():
+    """``train_causal_lm`` returns the engine's random source: the memorisation experiment's evaluation release draws
+    from it, so a secure run's release is secure too and a seeded run's release is no new generator seeded from the
+    seed printed in the experiment's config."""
+    from dptrain.lm import PrivacySettings, SimpleTokenizer, lm_dataset, support_chat_corpus, tiny_gpt2, train_causal_lm
+    from dptrain.lm.corpus import vocabulary_text
+
+    tokenizer = SimpleTokenizer.from_texts([vocabulary_text()])
+    corpus = support_chat_corpus(num_users=6, validation_users=2, canary_repeats=(1,), seed=0)
+    data = lm_dataset(tokenizer, corpus.texts("train"), 48)
+    users = corpus.user_ids("train")
+    for secure in (False, True):
+        model = tiny_gpt2(tokenizer.vocab_size, n_layer=1, n_embd=8, n_head=2, n_positions=48, seed=0,
+                          bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        privacy = PrivacySettings(target_epsilon=8.0, delta=1e-3, expected_units=3, secure_mode=secure)
+        result = train_causal_lm(model, data, epochs=1, lr=1e-3, batch_size=8, user_ids=users, privacy=privacy)
+        assert result.random is not None and result.random.secure is secure
+        assert (result.random.generator is None) is secure  # secure: the OS CSPRNG, no seed anywhere
+        assert "random" not in result.to_dict()  # not a published figure

@@ -248,7 +248,7 @@ def run_memorization_experiment(
                 sigma = _eval_noise_multiplier(records, epsilon, config.delta)
                 released = private_validation_perplexity(
                     model, validation_set, validation_users, sigma, loss_bound=config.loss_bound,
-                    generator=torch.Generator().manual_seed(config.seed + 1000 + index),
+                    random=result.random,  # the training run's noise stream, not a new seeded generator
                 )  # fmt: skip
                 ledger.spend(budget_name, 1.0, sigma, 1,
                              note=f"evaluation: validation perplexity released with user-level DP "

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from dptrain.lm.data import trim_padding
 from dptrain.lm.loss import causal_lm_loss
 from dptrain.lm.models import trainable_parameters
+from dptrain.randomness import RandomSource
 
 
 @dataclass
@@ -60,6 +61,9 @@ class TrainingResult:
     sample_rate: float | None = None
     privacy_unit: str | None = None
     losses: list[float] = field(default_factory=list)  # per epoch, only when asked for (see train_causal_lm)
+    # The DP run's noise source (None without DP): later releases about the same data draw from it, so a secure run
+    # stays secure and a seeded run stays one stream (never a second generator seeded from a published seed).
+    random: RandomSource | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -145,6 +149,7 @@ def train_causal_lm(
             **user_kwargs,
         )
         result.noise_multiplier = optimizer.noise_multiplier
+        result.random = optimizer.random
         result.sample_rate = optimizer.sample_rate
         result.privacy_unit = privacy.privacy_unit
         result.delta = privacy.delta

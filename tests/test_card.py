@@ -10,6 +10,7 @@ import pytest
 
 from dptrain.report.card import build_card, card_markdown, card_schema, max_attack_tpr, validate_card
 from dptrain.runner import (
+    AuditConfig,
     DatasetConfig,
     LedgerConfig,
     ModelConfig,
@@ -25,7 +26,8 @@ def runs(tmp_path_factory):
     """(DP run summary, non-private run summary): short digits runs, seeded, nothing written but the ledger."""
     ledger = LedgerConfig(str(tmp_path_factory.mktemp("ledger") / "l.db"), "digits", cap=20.0)
     common = dict(
-        dataset=DatasetConfig(), model=ModelConfig(hidden=(32,)), training=TrainingConfig(epochs=4, batch_size=700)
+        dataset=DatasetConfig(), model=ModelConfig(hidden=(32,)), training=TrainingConfig(epochs=4, batch_size=700),
+        audit=AuditConfig(membership=True),
     )
     dp = run_training(
         RunConfig(name="dp", privacy=PrivacyConfig(delta=1e-5, noise_multiplier=2.0), ledger=ledger, **common),

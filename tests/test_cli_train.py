@@ -61,7 +61,8 @@ def test_valid_config_parses_with_defaults():
     assert config.name == "t" and config.dataset.name == "digits" and config.dataset.test_fraction == 0.2
     assert config.training.epochs == 2 and config.training.optimizer == "adam" and config.training.max_grad_norm == 1.0
     assert config.privacy.noise_multiplier == 2.0 and config.privacy.target_epsilon is None
-    assert config.model.hidden == (128,) and config.ledger is None and config.audit.membership
+    assert config.model.hidden == (128,) and config.ledger is None
+    assert not config.audit.membership  # off by default: computed from the training data without noise
 
 
 @pytest.mark.parametrize(
@@ -155,7 +156,9 @@ def test_the_example_config_trains_charges_its_ledger_and_writes_the_run_directo
     code = main(["train", str(EXAMPLE), "--output-dir", str(out), "--set", "training.epochs=10", "--threads", "1"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    for name in ("run.json", "metrics.jsonl", "checkpoint.pt", "report.html", "privacy_card.json", "privacy_card.md"):
+    names = ("run.json", "metrics.jsonl", "model.pt", "checkpoint.pt", "report.html", "privacy_card.json",
+             "privacy_card.md")
+    for name in names:
         assert (out / name).is_file(), name
     assert f"report: {out / 'report.html'}" in captured.out
     assert re.search(r"digits-eps3: step \d+/20 +epoch \d+/10 +loss [\d.]+ +acc [\d.]+% +ε [\d.]+/3", captured.out)

@@ -381,9 +381,10 @@ CONFIG_HELP = """config (TOML; unknown keys, wrong types and missing sections ar
               momentum (sgd)
   [privacy]   target_epsilon or noise_multiplier; delta (required); accountant = "pld" | "rdp"; secure_mode = false
   [ledger]    path, budget (optional section); cap = E creates the budget if missing
-  [audit]     membership = true
+  [audit]     membership = false (true: the loss-threshold attack, outside the guarantee, for reviewers)
 
-writes OUTPUT_DIR/run.json, metrics.jsonl, checkpoint.pt, report.html, privacy_card.json, privacy_card.md.
+writes OUTPUT_DIR/run.json, metrics.jsonl, model.pt, checkpoint.pt, report.html, privacy_card.json,
+privacy_card.md. Share model.pt (the weights) and the card; checkpoint.pt and run.json can regenerate the noise.
 Ctrl-C: finishes the current step, writes the checkpoint, settles the ledger, writes a partial report; exit 130."""
 
 
@@ -433,7 +434,9 @@ def _run_train(args: argparse.Namespace) -> int:
             markup=False,
         )
     run_dir = result.run_dir
-    console.print(f"checkpoint: {run_dir / 'checkpoint.pt'}", soft_wrap=True, markup=False)
+    console.print(f"model (the release): {run_dir / 'model.pt'}", soft_wrap=True, markup=False)
+    console.print(f"checkpoint (private: resumes the noise stream): {run_dir / 'checkpoint.pt'}", soft_wrap=True,
+                  markup=False)
     console.print(f"privacy card: {run_dir / 'privacy_card.md'} (and .json)", soft_wrap=True, markup=False)
     console.print(f"report: {run_dir / 'report.html'}", soft_wrap=True, markup=False)
     return result.exit_code

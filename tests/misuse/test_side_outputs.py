@@ -1,6 +1,8 @@
-"""Issue #14 item 3 (the LM training path): a number about the training data that is not a DP release (the mean
-training loss, computed without noise) is not logged or returned under DP unless asked for, and then says it is
-outside the guarantee. Without DP nothing is protected and it is reported as before."""
+"""Issue #14 item 3: a number about the training data that is not a DP release is off by default and marked when
+asked for. The LM training path: the mean training loss (computed without noise) is not logged or returned under
+DP unless asked for, and then says it is outside the guarantee; without DP nothing is protected and it is reported
+as before. ``dptrain train``: the membership audit is off unless configured and marked on the card; the run
+directory's release (model.pt) is apart from the files that regenerate the noise."""
 
 from __future__ import annotations
 
@@ -37,3 +39,60 @@ def test_non_private_training_reports_its_loss():
     result, lines = _train()
     assert len(result.losses) == 2 and sum("training loss" in line for line in lines) == 2
     assert not any("outside" in line for line in lines)
+
+
+def _digits_run(tmp_path, **overrides):
+    """A short DP digits run written to ``tmp_path / "run"`` through ``dptrain train``'s runner."""
+    from dptrain.runner import DatasetConfig, ModelConfig, PrivacyConfig, RunConfig, TrainingConfig, run_training
+
+    config = RunConfig(
+        name="side-outputs", dataset=DatasetConfig(), model=ModelConfig(hidden=(8,)),
+        training=TrainingConfig(epochs=1, batch_size=700), privacy=PrivacyConfig(delta=1e-5, noise_multiplier=2.0),
+        **overrides,
+    )  # fmt: skip
+    run_dir = tmp_path / "run"
+    run_training(config, output_dir=run_dir, handle_signals=False)
+    return run_dir
+
+
+def test_dptrain_train_runs_no_membership_audit_unless_asked_and_marks_it_when_asked(tmp_path):
+    """The membership audit compares training losses with held-out ones without noise: off by default; turned on,
+    run.json and the card mark it outside the guarantee and the card lists it among the limitations."""
+    import json
+
+    from dptrain.runner import AuditConfig
+
+    default = _digits_run(tmp_path / "default")
+    run, card = (json.loads((default / name).read_text()) for name in ("run.json", "privacy_card.json"))
+    assert run["audit"] is None and card["audit"] is None
+    assert not any("membership audit" in item for item in card["limitations"])
+
+    audited = _digits_run(tmp_path / "audited", audit=AuditConfig(membership=True))
+    run, card = (json.loads((audited / name).read_text()) for name in ("run.json", "privacy_card.json"))
+    assert run["audit"]["covered_by_the_guarantee"] is False and card["audit"]["covered_by_the_guarantee"] is False
+    assert any("membership audit" in item and "outside the guarantee" in item for item in card["limitations"])
+
+
+def test_the_run_directory_separates_the_release_from_the_files_that_regenerate_the_noise(tmp_path):
+    """model.pt holds the weights, architecture and declared preprocessing only, loadable with weights_only=True;
+    checkpoint.pt (for resuming) holds the noise generator's state, which with the seed regenerates the noise: the
+    card of a seeded run says to keep both private and to share model.pt."""
+    import json
+
+    import torch
+
+    from dptrain.runner import build_model, ModelConfig
+
+    run_dir = _digits_run(tmp_path)
+    release = torch.load(run_dir / "model.pt", weights_only=True)
+    assert set(release) == {"format", "state_dict", "num_features", "num_classes", "model", "preprocessing"}
+    model = build_model(release["num_features"], release["num_classes"], ModelConfig(**{
+        k: tuple(v) if isinstance(v, list) else v for k, v in release["model"].items()}))  # fmt: skip
+    model.load_state_dict(release["state_dict"])  # the same weights as the checkpoint's
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert all(torch.equal(v, checkpoint["model"][k]) for k, v in release["state_dict"].items())
+    (streams,) = checkpoint["privacy"]["optimizers"][0]["streams"].values()
+    assert streams["noise"]["generator"] is not None  # what model.pt must not carry
+    card = json.loads((run_dir / "privacy_card.json").read_text())
+    assert any("checkpoint.pt" in item and "model.pt" in item for item in card["limitations"])
+    assert json.loads((run_dir / "run.json").read_text())["files"]["model"] == "model.pt"

@@ -110,8 +110,11 @@ def _limitations(run: dict[str, Any]) -> list[str]:
         )
         if not privacy.get("secure_mode"):
             items.append(
-                "Sampling and noise came from torch's seeded pseudo-random generator (reproducible, not "
-                "cryptographically secure). For a production release set secure_mode = true."
+                "Sampling and noise came from torch's pseudo-random generator seeded with the run's seed "
+                "(reproducible, not cryptographically secure): anyone who has the seed (run.json, report.html) or "
+                "the generator's state (checkpoint.pt) can regenerate the noise and remove it, so keep those files "
+                "as private as the data and share model.pt and this card only. For a production release set "
+                "secure_mode = true."
             )
         items.append(
             "Choices made by looking at the same data outside this run (e.g. hyperparameter tuning, feature "
@@ -121,10 +124,11 @@ def _limitations(run: dict[str, Any]) -> list[str]:
         f"The {dataset['num_test']} held-out examples were used, without noise, to measure accuracy and loss and "
         "as non-members in the audit: those metrics are not covered by the guarantee."
     )
-    items.append(
-        "The audit results on this card are computed from the training data without noise: share them with reviewers, "
-        "not publicly."
-    )
+    if run.get("audit") is not None:
+        items.append(
+            "The membership audit on this card ([audit] membership = true) is computed from the training data "
+            "without noise, outside the guarantee: share it with reviewers, not publicly."
+        )
     items.append(
         "This card documents a technical guarantee. It is not by itself a determination that the model is "
         "anonymous under the GDPR or de-identified under HIPAA; that assessment also depends on the context of "
@@ -139,6 +143,7 @@ def _audit_section(audit: dict[str, Any] | None) -> dict[str, Any] | None:
     tprs = audit["tpr_at_fpr"]
     return {
         "attack": audit["attack"],
+        "covered_by_the_guarantee": False,
         "description": "loss-threshold membership inference (Yeom et al. 2018): training examples (members) vs "
         "held-out examples (non-members), guessing 'member' when the model's loss is low. Members and non-members "
         "form a fixed split, so the attack is compared with the replace-one guarantee (2 epsilon, (1 + e^epsilon) "

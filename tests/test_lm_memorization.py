@@ -222,6 +222,9 @@ def test_memorization_ledger_shows_fine_tuning_and_evaluation(quick_result):
     text = format_report(result)
     assert "non-private" in text and "DP eps=3" in text and "fine-tuning" in text and "evaluation" in text
     assert "separation (as expected)" in text
+    # the exact validation perplexity (no noise) is declared outside the guarantee, in the JSON and the table
+    assert "runs[].validation_perplexity" in result["outside_the_guarantee"]
+    assert "val ppl: the exact one, computed without noise, outside the guarantee" in text
 
 
 def test_experiment_command_rejects_bad_options():

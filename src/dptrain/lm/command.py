@@ -105,7 +105,8 @@ def format_report(result: dict[str, Any]) -> str:
         "exposure: mean over the canaries repeated that often, in bits (max "
         f"{result['runs'][0]['canaries'][0]['max_exposure']:.1f}; ~1.4 for a model that knows nothing); extracted: "
         "greedy decoding from the canary's prompt writes its pin; released ppl: the validation perplexity released "
-        "with user-level DP (charged to the run's budget).",
+        "with user-level DP (charged to the run's budget); val ppl: the exact one, computed without noise, outside "
+        "the guarantee (shown to judge the release; a deployment publishes released ppl only).",
         "",
         "privacy ledger (one user-level budget per DP run; entries composed with PLD):",
     ]

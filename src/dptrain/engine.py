@@ -383,8 +383,11 @@ class PrivacyEngine:
             user_reduction=user_reduction if users is not None else None,
         )
         dp_optimizer.sample_rate = sample_rate
+        # The state guard's hooks first: a forward pass that changed the model is refused as such, before the
+        # independence check runs it again.
+        state_guard = StateGuard(hooked)
         independence = IndependenceCheck(hooked, grad_sampler.guard, 0 if batch_first else 1)
-        self._attached.append(_Attachment(module, hooked, dp_optimizer, sampling, rank, StateGuard(hooked), independence))
+        self._attached.append(_Attachment(module, hooked, dp_optimizer, sampling, rank, state_guard, independence))
         self.privacy_unit = privacy_unit
         if self._pending_optimizer_states:
             self._restore(self._attached[-1], self._pending_optimizer_states.pop(0))

@@ -10,6 +10,11 @@ stream are unaffected; the engine's hooks record nothing) with the floating-poin
 gradient of example 0's outputs with respect to every input. Any gradient on another example's row is refused.
 Token ids cannot be differentiated: for them the outputs of the model's embedding layers (``nn.Embedding``,
 batched) are made the leaves instead, so language models are checked from their first hidden states on.
+
+A coupling through a selection, ranking or comparison across the batch (``x * (x.sum(1) > x.sum(1).median())``,
+keeping the batch's top-k) has zero gradient and passes that test. So each of the first ``SUB_BATCH`` examples is
+also run alone, as a batch of copies of itself of the same size (same random state, so the same dropout masks): its
+outputs must be those it had in the batch.
 """
 
 from __future__ import annotations
@@ -43,14 +48,16 @@ class IndependenceCheck:
         if not sizes or sizes[0] < 2:
             return  # a batch of one example (or none): checked at a later forward pass
         try:
-            # A few examples suffice to see a coupling, and keep the extra pass's memory small.
-            grads = self._gradients(module, leaves, spec, sizes[0], min(sizes[0], SUB_BATCH))
+            # A few examples suffice to see a coupling, and keep the extra passes' memory small.
+            keep = min(sizes[0], SUB_BATCH)
+            grads, firsts = self._gradients(module, self._narrow(leaves, sizes[0], keep), spec, keep)
         except Exception:  # a forward that needs the whole batch (a state of the batch's size passed in)
-            grads = self._gradients(module, leaves, spec, sizes[0], sizes[0])
-        if grads is None:
+            keep = sizes[0]
+            grads, firsts = self._gradients(module, leaves, spec, keep)
+        if grads is None and not firsts:
             return
         self.checked = True
-        for grad in grads:
+        for grad in grads or ():
             if grad is not None and bool(grad.movedim(self.batch_dim, 0)[1:].ne(0).any()):
                 raise RuntimeError(
                     "the model couples the examples of a batch: example 0's output depends on other examples' inputs. "
@@ -59,17 +66,47 @@ class IndependenceCheck:
                     "clipping no longer bounds any example's influence. Normalise per example (LayerNorm, "
                     "GroupNorm) instead"
                 )
+        narrowed = self._narrow(leaves, sizes[0], keep)
+        for i in range(min(keep, SUB_BATCH)):
+            copies = [t.narrow(self.batch_dim, i, 1).expand_as(t).clone() if self._batched(t, keep) else t
+                      for t in narrowed]  # fmt: skip
+            alone = self._batched_outputs(module, copies, spec, keep)
+            # row i in both: the same position, so the same dropout mask
+            if len(firsts) != len(alone) or any(
+                _differ(a.select(self.batch_dim, i), b.select(self.batch_dim, i)) for a, b in zip(firsts, alone)
+            ):
+                raise RuntimeError(
+                    f"the model couples the examples of a batch: example {i}'s output changes when the other examples "
+                    "of the batch are replaced by copies of it (a selection, ranking or comparison across the batch "
+                    "dimension: no gradient flows through it, but one example's output depends on the others, which "
+                    "per-example clipping cannot bound). Make every example's output a function of that example alone"
+                )
 
-    def _gradients(self, module: nn.Module, leaves: list, spec: object, batch: int, keep: int):
-        """The forward pass on the first ``keep`` of ``batch`` examples again, and the gradients of example 0's
-        outputs with respect to the batched floating-point inputs and embedding outputs (None: nothing to
-        differentiate)."""
-        leaves = [
-            t.narrow(self.batch_dim, 0, keep)
-            if isinstance(t, torch.Tensor) and t.dim() > self.batch_dim and t.shape[self.batch_dim] == batch and keep < batch
-            else t
-            for t in leaves
-        ]  # fmt: skip
+    def _batched(self, t: object, size: int) -> bool:
+        return isinstance(t, torch.Tensor) and t.dim() > self.batch_dim and t.shape[self.batch_dim] == size
+
+    def _narrow(self, leaves: list, batch: int, keep: int) -> list:
+        """The call's arguments cut to their first ``keep`` of ``batch`` examples."""
+        if keep == batch:
+            return list(leaves)
+        return [t.narrow(self.batch_dim, 0, keep) if self._batched(t, batch) else t for t in leaves]
+
+    def _batched_outputs(self, module: nn.Module, leaves: list, spec: object, keep: int) -> list[torch.Tensor]:
+        """The batched outputs of the forward pass on ``leaves`` (random generators forked), detached."""
+        args, kwargs = tree_unflatten(leaves, spec)
+        with torch.random.fork_rng(devices=self._cuda(leaves)), self.guard.replaying(), torch.enable_grad():
+            outputs = tree_flatten(module(*args, **kwargs))[0]
+        return [t.detach() for t in outputs if self._batched(t, keep)]
+
+    @staticmethod
+    def _cuda(leaves: list) -> list[int]:
+        return sorted({t.device.index for t in leaves if isinstance(t, torch.Tensor) and t.is_cuda})
+
+    def _gradients(self, module: nn.Module, leaves: list, spec: object, keep: int):
+        """The forward pass on ``leaves`` (``keep`` examples) again: the gradients of example 0's outputs with respect
+        to the batched floating-point inputs and embedding outputs (None: nothing to differentiate), and the
+        batched outputs, detached."""
+        leaves = list(leaves)
         batched = [
             i for i, t in enumerate(leaves)
             if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() > self.batch_dim
@@ -91,21 +128,33 @@ class IndependenceCheck:
             return leaf
 
         hooks = [m.register_forward_hook(as_leaf) for m in module.modules() if isinstance(m, nn.Embedding)]
-        devices = sorted({t.device.index for t in leaves if isinstance(t, torch.Tensor) and t.is_cuda})
         try:
-            with torch.random.fork_rng(devices=devices), self.guard.replaying(), torch.enable_grad():
+            with torch.random.fork_rng(devices=self._cuda(leaves)), self.guard.replaying(), torch.enable_grad():
                 outputs = tree_flatten(module(*new_args, **new_kwargs))[0]
+                firsts = [t.detach() for t in outputs if self._batched(t, keep)]
                 # Weights of example 0's outputs from a generator of the check's own, not the user's stream.
                 target = example_zero_objective(outputs, self.batch_dim, keep, torch.Generator().manual_seed(0))
-                sources = [
-                    t for t in inputs + embedded if t.dim() > self.batch_dim and t.shape[self.batch_dim] == keep
-                ]  # a broadcast leading 1 (position embeddings) holds no example of its own
+                # a broadcast leading 1 (position embeddings) holds no example of its own
+                sources = [t for t in inputs + embedded if self._batched(t, keep)]
                 if target is None or not sources:
-                    return None
-                return torch.autograd.grad(target, sources, allow_unused=True)
+                    return None, firsts
+                return torch.autograd.grad(target, sources, allow_unused=True), firsts
         finally:
             for hook in hooks:
                 hook.remove()
 
     def detach(self) -> None:
         self._handle.remove()
+
+
+def _differ(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two runs' outputs of one example differ beyond rounding (the kernels may block other rows apart)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return True
+    if not a.is_floating_point():
+        return not torch.equal(a, b)
+    if not torch.equal(a.isnan(), b.isnan()):
+        return True
+    rtol = 1e-3 if torch.finfo(a.dtype).bits >= 32 else 3e-2
+    a, b = a.nan_to_num(0.0).double(), b.nan_to_num(0.0).double()
+    return bool((a - b).abs().max() > rtol * max(float(a.abs().max()), float(b.abs().max()), 1e-30))

@@ -186,6 +186,45 @@ def test_a_model_coupling_the_examples_of_a_batch_is_refused_at_the_first_forwar
         model(x)
 
 
+class AboveTheMedian(nn.Module):
+    """Keeps the examples whose score is above the batch's median: a comparison across the batch, zero gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):
+        score = x.sum(1, keepdim=True)
+        return self.lin(x) * (score > score.median()).to(x.dtype)
+
+
+class TopOfBatch(nn.Module):
+    """Token model: zeroes the hidden states of all but the batch's top-2 examples (ranked by a score)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Embedding(10, 4), nn.Linear(12, 2)
+
+    def forward(self, ids):
+        h = self.embed(ids).flatten(1)
+        keep = torch.zeros(h.shape[0], 1, dtype=h.dtype)
+        keep[h.sum(1).topk(2).indices] = 1.0
+        return self.head(h * keep)
+
+
+@pytest.mark.parametrize("mode", ["auto", "vmap"])
+def test_a_coupling_without_gradient_a_comparison_across_the_batch_is_refused(mode):
+    """Example 0's output is compared with the one it has when every other example is a copy of it."""
+    model, _, loader = _private(AboveTheMedian(), mode)
+    x, _ = next(iter(loader))
+    with pytest.raises(RuntimeError, match="replaced by copies of it"):
+        model(x)
+    tokens, _, ids_loader = _private(TopOfBatch(), mode, data=_token_data(10, 3))
+    ids, _ = next(iter(ids_loader))
+    with pytest.raises(RuntimeError, match="replaced by copies of it"):
+        tokens(ids)
+
+
 def test_independent_examples_with_dropout_pass_the_check_and_train_as_before(monkeypatch):
     """The check's extra pass forks the random generators: the training run draws the same dropout masks and
     takes the same steps as a run without the check."""

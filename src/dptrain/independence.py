@@ -14,7 +14,8 @@ batched) are made the leaves instead, so language models are checked from their 
 A coupling through a selection, ranking or comparison across the batch (``x * (x.sum(1) > x.sum(1).median())``,
 keeping the batch's top-k) has zero gradient and passes that test. So each of the first ``SUB_BATCH`` examples is
 also run alone, as a batch of copies of itself of the same size (same random state, so the same dropout masks): its
-outputs must be those it had in the batch.
+outputs must be those it had in the batch. (A test of a few examples at one step, not a proof: a selection that
+happens to treat those examples alike in both runs, such as a top-k that keeps them, passes it.)
 """
 
 from __future__ import annotations

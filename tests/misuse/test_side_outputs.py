@@ -41,14 +41,14 @@ def test_non_private_training_reports_its_loss():
     assert not any("outside" in line for line in lines)
 
 
-def _digits_run(tmp_path, **overrides):
+def _digits_run(tmp_path, secure_mode=False, **overrides):
     """A short DP digits run written to ``tmp_path / "run"`` through ``dptrain train``'s runner."""
     from dptrain.runner import DatasetConfig, ModelConfig, PrivacyConfig, RunConfig, TrainingConfig, run_training
 
+    privacy = PrivacyConfig(delta=1e-5, noise_multiplier=2.0, secure_mode=secure_mode)
     config = RunConfig(
         name="side-outputs", dataset=DatasetConfig(), model=ModelConfig(hidden=(8,)),
-        training=TrainingConfig(epochs=1, batch_size=700), privacy=PrivacyConfig(delta=1e-5, noise_multiplier=2.0),
-        **overrides,
+        training=TrainingConfig(epochs=1, batch_size=700), privacy=privacy, **overrides,
     )  # fmt: skip
     run_dir = tmp_path / "run"
     run_training(config, output_dir=run_dir, handle_signals=False)
@@ -96,3 +96,21 @@ def test_the_run_directory_separates_the_release_from_the_files_that_regenerate_
     card = json.loads((run_dir / "privacy_card.json").read_text())
     assert any("checkpoint.pt" in item and "model.pt" in item for item in card["limitations"])
     assert json.loads((run_dir / "run.json").read_text())["files"]["model"] == "model.pt"
+
+
+def test_a_secure_run_publishes_a_seed_that_seeds_none_of_its_noise_or_sampling(tmp_path):
+    """secure_mode: run.json still records the config's seed (it initialised the model), but no stream of the
+    mechanism was seeded: the checkpoint holds no generator state, and the card has no seeded-noise limitation."""
+    import json
+
+    import torch
+
+    run_dir = _digits_run(tmp_path, secure_mode=True)
+    assert json.loads((run_dir / "run.json").read_text())["config"]["seed"] == 0
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    (streams,) = checkpoint["privacy"]["optimizers"][0]["streams"].values()
+    assert streams["noise"]["generator"] is None
+    assert streams["sampling"] is None or streams["sampling"].get("generator") is None
+    card = json.loads((run_dir / "privacy_card.json").read_text())
+    assert card["mechanism"]["secure_randomness"] is True
+    assert not any("regenerate the noise" in item for item in card["limitations"])

@@ -71,6 +71,7 @@ def test_dptrain_train_runs_no_membership_audit_unless_asked_and_marks_it_when_a
     run, card = (json.loads((audited / name).read_text()) for name in ("run.json", "privacy_card.json"))
     assert run["audit"]["covered_by_the_guarantee"] is False and card["audit"]["covered_by_the_guarantee"] is False
     assert any("membership audit" in item and "outside the guarantee" in item for item in card["limitations"])
+    assert "its figures are outside the guarantee, for reviewers" in (audited / "report.html").read_text()
 
 
 def test_the_run_directory_separates_the_release_from_the_files_that_regenerate_the_noise(tmp_path):

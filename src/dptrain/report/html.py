@@ -202,7 +202,9 @@ def render(title: str, runs: list[dict[str, Any]], cards: list[dict[str, Any]], 
         '<p class="caption">Solid: the attack\'s ROC (fraction of training examples it finds against the fraction '
         "of held-out examples it wrongly accuses). Dashed: the most that any attack can achieve against a model "
         "with that guarantee. A curve above its dashed bound beyond sampling error would reveal an implementation "
-        "bug; a curve near the diagonal means the attack learns almost nothing.</p>",
+        "bug; a curve near the diagonal means the attack learns almost nothing. The audit compares losses on the "
+        "training examples with held-out ones, without noise: its figures are outside the guarantee, for "
+        "reviewers, not for publication ([audit] membership = true turns it on).</p>",
         _ledger_section(runs),
         "<h2>Runs and privacy cards</h2>",
     ]

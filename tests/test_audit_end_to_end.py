@@ -35,7 +35,7 @@ import pytest
 import torch
 
 from dptrain.audit import PrivacyViolationWarning, audit_training_run
-from dptrain.audit.command import EXIT_SUSPICIOUS, add_audit_arguments, run_audit_command
+from dptrain.cli.audit import EXIT_SUSPICIOUS, add_audit_arguments, run_audit_command
 from dptrain.audit.digits import digits_audit_data, make_digits_train_fn
 from dptrain.randomness import RandomSource
 

@@ -173,7 +173,7 @@ def test_lira_on_digits_nonprivate_leaks_and_eps1_does_not():
     # 6 models on random halves of the 1437 training digits, each the target in turn (~4300 targets per class).
     # Measured: non-private online AUC 0.589, TPR@1% 0.045 (4.5x chance); eps=1 online 0.506, offline 0.541.
     from dptrain.audit.digits import make_digits_train_fn
-    from dptrain.demo import load_digits_split
+    from dptrain.datasets import load_digits_split
 
     train, _ = load_digits_split()
     leaky = run_lira(make_digits_train_fn(None, epochs=100), train, num_models=6)

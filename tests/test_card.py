@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 
 from dptrain.report.card import build_card, card_markdown, card_schema, max_attack_tpr, validate_card
-from dptrain.runner import (
+from dptrain.app import (
     AuditConfig,
     DatasetConfig,
     LedgerConfig,

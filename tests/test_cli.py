@@ -63,7 +63,7 @@ def test_epsilon_with_group_size(capsys):
 def test_python_dash_m_prints_one_json_object():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run(
-        [sys.executable, "-m", "dptrain.cli", *EPSILON_ARGS, "--json"],
+        [sys.executable, "-m", "dptrain", *EPSILON_ARGS, "--json"],
         capture_output=True,
         text=True,
         env=env,

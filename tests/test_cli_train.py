@@ -16,7 +16,7 @@ import torch
 
 from dptrain.budget import BudgetLedger
 from dptrain.cli import main
-from dptrain.runner import (
+from dptrain.app import (
     ConfigError,
     DatasetConfig,
     load_config,

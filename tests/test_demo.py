@@ -1,7 +1,7 @@
 """The demo (``make demo`` = ``dptrain demo``), in its ``--quick`` form: non-private and eps = 3 on digits, each
 audited, the DP run charged to the ledger, one report, a privacy card per model, the report path printed last.
 
-Accuracies were measured with the recipe of ``dptrain.demo.train_digits`` (seed 0, 2 CPU cores): non-private
+Accuracies were measured with the recipe of ``dptrain.app.demo.train_digits`` (seed 0, 2 CPU cores): non-private
 96.7 %, eps = 3 92.5 %; the bounds below leave room for a better recipe and for platform noise.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from dptrain.budget import BudgetLedger
 from dptrain.cli import main
-from dptrain.demo import train_digits
+from dptrain.app.demo import train_digits
 from dptrain.report.card import validate_card
 
 SRC = Path(__file__).parents[1] / "src"
@@ -73,7 +73,7 @@ def test_train_digits_is_the_one_recipe_entry_point_and_writes_nothing_by_defaul
 
 def test_python_dash_m_dptrain_demo_is_the_cli_demo():
     done = subprocess.run(
-        [sys.executable, "-m", "dptrain.demo", "--help"], capture_output=True, text=True, timeout=60,
+        [sys.executable, "-m", "dptrain", "demo", "--help"], capture_output=True, text=True, timeout=60,
         env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"},
     )
     assert done.returncode == 0 and done.stdout.startswith("usage: dptrain demo")

@@ -20,7 +20,7 @@ import torch
 
 from dptrain.budget import BudgetLedger
 from dptrain.report.card import validate_card
-from dptrain.runner import (
+from dptrain.app import (
     INTERRUPTED,
     DatasetConfig,
     LedgerConfig,
@@ -67,7 +67,7 @@ def test_sigint_to_dptrain_train_stops_cleanly(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(SRC), "COLUMNS": "200"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "dptrain.cli", "train", str(config), "--output-dir", str(out), "--threads", "1"],
+        [sys.executable, "-m", "dptrain", "train", str(config), "--output-dir", str(out), "--threads", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
     try:

@@ -29,7 +29,7 @@ from dptrain.lm import (
     tiny_gpt2,
     validation_perplexity,
 )
-from dptrain.lm.command import add_experiment_arguments, format_report, run_experiment_command
+from dptrain.cli.experiment import add_experiment_arguments, format_report, run_experiment_command
 from dptrain.lm.corpus import CANARY_FIRST_NAMES, vocabulary_text
 from dptrain.lm.data import lm_dataset
 

@@ -18,7 +18,7 @@ import pytest
 
 from dptrain.cli import main
 from dptrain.report import write_report
-from dptrain.runner import (
+from dptrain.app import (
     DatasetConfig,
     LedgerConfig,
     PrivacyConfig,

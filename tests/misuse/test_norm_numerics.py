@@ -23,12 +23,12 @@ from dptrain.grad import make_grad_sampler
 from dptrain.grad.layers import (
     NORM_RTOL,
     LayerCall,
-    certified_gram_sum,
     recheck_uncertain,
     rule_for,
     shared_squared_norms,
     uncertain,
 )
+from dptrain.grad.layers.gram import certified_gram_sum
 from dptrain.grad.layers.linear import ghost_is_cheaper
 
 C = 1.0

@@ -43,7 +43,7 @@ def test_non_private_training_reports_its_loss():
 
 def _digits_run(tmp_path, secure_mode=False, **overrides):
     """A short DP digits run written to ``tmp_path / "run"`` through ``dptrain train``'s runner."""
-    from dptrain.runner import DatasetConfig, ModelConfig, PrivacyConfig, RunConfig, TrainingConfig, run_training
+    from dptrain.app import DatasetConfig, ModelConfig, PrivacyConfig, RunConfig, TrainingConfig, run_training
 
     privacy = PrivacyConfig(delta=1e-5, noise_multiplier=2.0, secure_mode=secure_mode)
     config = RunConfig(
@@ -60,7 +60,7 @@ def test_dptrain_train_runs_no_membership_audit_unless_asked_and_marks_it_when_a
     run.json and the card mark it outside the guarantee and the card lists it among the limitations."""
     import json
 
-    from dptrain.runner import AuditConfig
+    from dptrain.app import AuditConfig
 
     default = _digits_run(tmp_path / "default")
     run, card = (json.loads((default / name).read_text()) for name in ("run.json", "privacy_card.json"))
@@ -82,7 +82,7 @@ def test_the_run_directory_separates_the_release_from_the_files_that_regenerate_
 
     import torch
 
-    from dptrain.runner import build_model, ModelConfig
+    from dptrain.app import build_model, ModelConfig
 
     run_dir = _digits_run(tmp_path)
     release = torch.load(run_dir / "model.pt", weights_only=True)

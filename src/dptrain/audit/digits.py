@@ -24,10 +24,9 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from dptrain.accounting import calibrate_noise
 from dptrain.audit.gradient_canaries import GradientCanaries
 from dptrain.audit.one_run import CanarySet, TrainFn, mislabeled_canaries
+from dptrain.datasets import DIGITS_CLASSES, DIGITS_FEATURES, load_digits_split
 from dptrain.engine import PrivacyEngine
 
-DIGITS_FEATURES = 64
-DIGITS_CLASSES = 10
 
 
 def digits_mlp(hidden: int = 128) -> nn.Module:
@@ -36,8 +35,6 @@ def digits_mlp(hidden: int = 128) -> nn.Module:
 
 def digits_audit_data(num_canaries: int, seed: int = 0) -> tuple[TensorDataset, TensorDataset, CanarySet]:
     """(real training set, test set, canaries): ``num_canaries`` training-split examples become mislabelled canaries."""
-    from dptrain.demo import load_digits_split
-
     train, test = load_digits_split()
     x, y = train.tensors
     if not 0 < num_canaries < len(y):

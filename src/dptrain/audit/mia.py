@@ -40,8 +40,9 @@ from torch import nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from dptrain.audit import roc as roc_lib
-from dptrain.audit.one_run import TrainFn, _json_number
+from dptrain.audit.one_run import TrainFn
 from dptrain.audit.scores import score_examples
+from dptrain.rundir import json_number
 
 DEFAULT_FPRS: tuple[float, ...] = (0.001, 0.01)
 
@@ -108,8 +109,8 @@ class MembershipAuditResult:
             "auc": self.auc,
             "balanced_accuracy": self.balanced_accuracy,
             "tpr_at_fpr": {str(k): v for k, v in self.tpr_at_fpr.items()},
-            "claimed_epsilon": _json_number(self.claimed_epsilon),
-            "bound_epsilon": _json_number(self.bound_epsilon),
+            "claimed_epsilon": json_number(self.claimed_epsilon),
+            "bound_epsilon": json_number(self.bound_epsilon),
             "bound_delta": self.bound_delta,
             "epsilon_lower_bound": self.epsilon_lower_bound,
             "violates_bound": self.violates_bound,
@@ -248,7 +249,7 @@ class LiRAAuditResult:
     def to_dict(self, curves: bool = False) -> dict[str, Any]:
         return {
             "num_models": self.num_models,
-            "claimed_epsilon": _json_number(self.claimed_epsilon),
+            "claimed_epsilon": json_number(self.claimed_epsilon),
             "online": self.online.to_dict(curves),
             "offline": self.offline.to_dict(curves),
         }

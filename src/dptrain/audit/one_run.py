@@ -41,6 +41,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 
 from dptrain.audit.scores import SCORES, score_examples
+from dptrain.rundir import json_number
 
 #: A training function: trains on the dataset it is given and returns the model and the eps it claims.
 TrainFn = Callable[[Dataset], tuple[nn.Module, float]]
@@ -247,7 +248,7 @@ class OneRunAuditResult:
             "num_positive_guesses": self.num_positive_guesses,
             "num_negative_guesses": self.num_negative_guesses,
             "empirical_epsilon_lower_bound": self.empirical_epsilon_lower_bound,
-            "claimed_epsilon": _json_number(self.claimed_epsilon),
+            "claimed_epsilon": json_number(self.claimed_epsilon),
             "delta": self.delta,
             "significance": self.significance,
             "score": self.score,
@@ -256,9 +257,6 @@ class OneRunAuditResult:
         }
 
 
-def _json_number(value: float) -> float | None:
-    """JSON has no infinity: a non-private run's claimed eps is written as null."""
-    return value if math.isfinite(value) else None
 
 
 def guess_membership(

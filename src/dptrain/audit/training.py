@@ -28,8 +28,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from dptrain.audit.gradient_canaries import GradientCanaries
 from dptrain.audit.mia import MembershipAuditResult, loss_threshold_attack, membership_audit
-from dptrain.audit.one_run import CanarySet, OneRunAuditResult, TrainFn, _json_number, one_run_audit, report_violation
+from dptrain.audit.one_run import CanarySet, OneRunAuditResult, TrainFn, one_run_audit, report_violation
 from dptrain.audit.scores import score_examples
+from dptrain.rundir import json_number
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,7 +76,7 @@ class TrainingAuditReport:
     def to_dict(self, curves: bool = False) -> dict[str, Any]:
         return {
             "name": self.name,
-            "claimed_epsilon": _json_number(self.claimed_epsilon),
+            "claimed_epsilon": json_number(self.claimed_epsilon),
             "delta": self.delta,
             "significance": self.significance,
             "test_accuracy": self.test_accuracy,

@@ -40,7 +40,7 @@ from dptrain.grad.layers import (
 )
 from dptrain.grad.layers.attention import attention_forward, can_decompose
 from dptrain.grad.example_dims import BROADCAST, CONFLICT, candidate_dims, leading_dims, probe_verdict
-from dptrain.grad.fast_gradients import FastGradients, per_example
+from dptrain.grad.fast_gradients import FastGradients
 from dptrain.grad.vmap import VmapGradSampler
 
 #: Layers whose forward uses their children's parameters directly (not by calling the children), so the whole

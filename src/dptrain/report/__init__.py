@@ -1,6 +1,6 @@
 """Reports of training runs: ``report.html`` (self-contained, figures embedded) and the privacy card.
 
-Everything is derived from the run directory's ``run.json`` (written by :func:`dptrain.runner.run_training`), so
+Everything is derived from the run directory's ``run.json`` (written by :func:`dptrain.app.run_training`; file names and formats: :mod:`dptrain.rundir`), so
 ``dptrain report RUN_DIR`` can rebuild it at any time. A directory with a ``suite.json`` (the demo's) groups several
 run directories into one report.
 
@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-REPORT_FILE, CARD_JSON, CARD_MD = "report.html", "privacy_card.json", "privacy_card.md"
+from dptrain.rundir import CARD_JSON, CARD_MD, REPORT_FILE, RUN_FILE, RUN_FORMAT, SUITE_FILE, SUITE_FORMAT, write_json, write_text
 
 
 class ReportError(ValueError):
@@ -37,36 +37,27 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def load_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """The content of ``RUN_DIR/run.json``."""
-    from dptrain.runner import RUN_FILE, RUN_FORMAT
-
     run = _read_json(Path(run_dir) / RUN_FILE)
     if run.get("format") != RUN_FORMAT:
         raise ReportError(f"{Path(run_dir) / RUN_FILE} is not a dptrain run record (format {run.get('format')!r})")
     return run
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_run_report(run_dir: str | os.PathLike[str]) -> dict[str, Path]:
     """Write ``report.html``, ``privacy_card.json`` and ``privacy_card.md`` of one run; returns their paths."""
     from dptrain.report import html
     from dptrain.report.card import build_card, card_markdown
-    from dptrain.runner import write_json
 
     run_dir = Path(run_dir)
     run = load_run(run_dir)
     card = build_card(run, str(run_dir))
     write_json(run_dir / CARD_JSON, card)
-    _write_text(run_dir / CARD_MD, card_markdown(card))
+    write_text(run_dir / CARD_MD, card_markdown(card))
     links = {
         "privacy card (Markdown)": CARD_MD, "privacy card (JSON)": CARD_JSON, "metrics (JSON lines)": "metrics.jsonl"
     }
     page = html.render(f"dptrain run report: {run['name']}", [run], [card], [links], run["status"])
-    _write_text(run_dir / REPORT_FILE, page)
+    write_text(run_dir / REPORT_FILE, page)
     return {"report": run_dir / REPORT_FILE, "card_json": run_dir / CARD_JSON, "card_md": run_dir / CARD_MD}
 
 
@@ -74,7 +65,6 @@ def write_suite_report(directory: str | os.PathLike[str]) -> Path:
     """Write ``DIRECTORY/report.html`` over the runs listed in ``DIRECTORY/suite.json``; returns its path."""
     from dptrain.report import html
     from dptrain.report.card import build_card
-    from dptrain.runner import SUITE_FILE, SUITE_FORMAT
 
     directory = Path(directory)
     suite = _read_json(directory / SUITE_FILE)
@@ -85,14 +75,12 @@ def write_suite_report(directory: str | os.PathLike[str]) -> Path:
     links = [{"run report": f"{name}/{REPORT_FILE}", "privacy card (Markdown)": f"{name}/{CARD_MD}",
               "privacy card (JSON)": f"{name}/{CARD_JSON}"} for name in suite["runs"]]
     page = html.render(suite["title"], runs, cards, links, suite.get("status", "completed"))
-    _write_text(directory / REPORT_FILE, page)
+    write_text(directory / REPORT_FILE, page)
     return directory / REPORT_FILE
 
 
 def write_report(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """Rebuild the report of a run directory, or of a suite directory and each of its runs."""
-    from dptrain.runner import RUN_FILE, SUITE_FILE
-
     directory = Path(directory)
     if not directory.is_dir():
         raise ReportError(f"{directory} is not a directory")

@@ -34,7 +34,7 @@ def _eps(value: float | None) -> str:
 
 
 class RichDisplay:
-    """Progress of one run (implements ``dptrain.runner.RunDisplay``)."""
+    """Progress of one run (implements ``dptrain.app.RunDisplay``)."""
 
     def __init__(self, console: Console | None = None, live: bool | None = None) -> None:
         self.console = console or make_console()

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dptrain.grad.layers import LayerRule
+from dptrain.grad.layers.rules import LayerRule
 from dptrain.grad.layers.linear import LinearRule, RowBlockLinearRule
 
 #: (rule, module, input, weight, bias) -> output: the engine's linear map that records the call for its rule.

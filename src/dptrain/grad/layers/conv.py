@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dptrain.grad.layers import (
+from dptrain.grad.base import upcast
+from dptrain.grad.layers.rules import (
     LayerCall,
     LayerRule,
     _recomputed,
@@ -36,7 +37,6 @@ from dptrain.grad.layers import (
     register_rule,
     trainable,
     uncertain,
-    upcast,
 )
 from dptrain.grad.layers.gram import certified_gram_sum, refined_gram_sum, rounding_factor
 from dptrain.grad.layers.linear import ghost_is_cheaper

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dptrain.grad.layers import (
+from dptrain.grad.base import upcast
+from dptrain.grad.layers.rules import (
     ExactPart,
     LayerCall,
     LayerRule,
@@ -24,7 +25,6 @@ from dptrain.grad.layers import (
     register_rule,
     trainable,
     uncertain,
-    upcast,
 )
 from dptrain.grad.layers.gram import certified_gram_sum, refined_gram_sum, rounding_factor
 

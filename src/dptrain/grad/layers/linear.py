@@ -14,19 +14,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dptrain.grad.layers import (
+from dptrain.grad.base import compute_dtype, upcast
+from dptrain.grad.layers.rules import (
     LayerCall,
     LayerRule,
     add_exact,
     _recomputed,
-    compute_dtype,
     dense_exact,
     fast_weights,
     register_rule,
     register_rule_by_name,
     trainable,
     uncertain,
-    upcast,
 )
 from dptrain.grad.layers.gram import SYMMETRIC_BLOCKS_FROM, certified_gram_sum, refined_gram_sum, rounding_factor
 

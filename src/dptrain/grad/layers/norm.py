@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dptrain.grad.layers import LayerCall, LayerRule, register_rule, trainable, upcast
+from dptrain.grad.base import upcast
+from dptrain.grad.layers.rules import LayerCall, LayerRule, register_rule, trainable
 
 
 class _AffineNormRule(LayerRule):

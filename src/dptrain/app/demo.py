@@ -1,70 +1,33 @@
 """The demo: scikit-learn's handwritten digits (real data, shipped with scikit-learn), non-private and DP.
 
-``make demo`` = ``dptrain demo`` = ``python -m dptrain.demo`` runs :func:`run_demo`: a non-private reference and
+``make demo`` = ``dptrain demo`` = ``python -m dptrain demo`` runs :func:`run_demo`: a non-private reference and
 DP-Adam at eps = 1, 3 and 8 (delta = 1e-5), each charged to a budget ledger in the output directory, each audited
 with the loss-threshold membership attack, then one HTML report and a privacy card per model.
 
 The training recipe lives in one place, the defaults of :func:`train_digits`; the demo, and anything else that
-wants "the digits recipe", calls that function. Pixels are scaled by their known range (0..16), never by
-statistics of the private data, so preprocessing spends no privacy.
+wants "the digits recipe", calls that function. The data: :mod:`dptrain.datasets`.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from torch import nn
-    from torch.utils.data import TensorDataset
+from rich.markup import escape
 
-    from dptrain.runner import LedgerConfig, RunDisplay, StopRequest
+from dptrain.app.config import AuditConfig, DatasetConfig, LedgerConfig, ModelConfig, PrivacyConfig, RunConfig, TrainingConfig
+from dptrain.app.stopping import INTERRUPTED, RunDisplay, StopRequest, stop_on_signals
+from dptrain.app.train import run_training, write_suite
+from dptrain.report.console import RichDisplay, make_console, print_run_table
 
-DIGITS_PIXEL_MAX = 16.0
 DEMO_EPSILONS = (1.0, 3.0, 8.0)
 DEMO_DELTA = 1e-5
 #: ``--quick``: the non-private reference and one DP run (same recipe). Fewer epochs would not help: most of a
 #: run's time is noise calibration, which takes longer for shorter runs (smaller noise).
 QUICK_EPSILONS = (3.0,)
-
-
-def load_digits_split(seed: int = 0, test_fraction: float = 0.2) -> tuple["TensorDataset", "TensorDataset"]:
-    """Stratified split of the 1797 digits (80/20 by default), pixels scaled to [0, 1] by the known range."""
-    import torch
-    from torch.utils.data import TensorDataset
-
-    try:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError as e:
-        raise ValueError(
-            "the digits dataset ships with scikit-learn, which is not installed: pip install scikit-learn"
-        ) from e
-
-    x, y = load_digits(return_X_y=True)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=test_fraction, stratify=y, random_state=seed
-    )
-
-    def to_dataset(features, labels) -> TensorDataset:
-        return TensorDataset(
-            torch.tensor(features / DIGITS_PIXEL_MAX, dtype=torch.float32), torch.tensor(labels, dtype=torch.long)
-        )
-
-    return to_dataset(x_train, y_train), to_dataset(x_test, y_test)
-
-
-def accuracy(model: "nn.Module", dataset: "TensorDataset") -> float:
-    import torch
-
-    model.eval()
-    with torch.no_grad():
-        x, y = dataset.tensors
-        return (model(x).argmax(dim=1) == y).float().mean().item()
 
 
 def train_digits(
@@ -82,9 +45,9 @@ def train_digits(
     *,
     name: str | None = None,
     output_dir: str | Path | None = None,
-    ledger: "LedgerConfig | None" = None,
-    display: "RunDisplay | None" = None,
-    stop: "StopRequest | None" = None,
+    ledger: LedgerConfig | None = None,
+    display: RunDisplay | None = None,
+    stop: StopRequest | None = None,
     audit: bool = True,
 ) -> dict[str, Any]:
     """THE digits recipe: an MLP trained with DP-Adam at ``target_epsilon`` (``None``: without DP, same recipe).
@@ -101,16 +64,6 @@ def train_digits(
     Returns ``test_accuracy``, ``epsilon`` (inf without DP), ``delta``, ``noise_multiplier``, ``steps``,
     ``status``, ``run_dir`` and ``summary`` (the run's ``run.json`` content).
     """
-    from dptrain.runner import (
-        AuditConfig,
-        DatasetConfig,
-        ModelConfig,
-        PrivacyConfig,
-        RunConfig,
-        TrainingConfig,
-        run_training,
-    )
-
     config = RunConfig(
         name=name or ("non-private" if target_epsilon is None else f"eps={target_epsilon:g}"),
         seed=seed,
@@ -159,11 +112,6 @@ def run_demo(
     epsilons); the non-private reference is not (its epsilon is infinite: in a real deployment it would void any
     budget). Stops after the current run's clean shutdown on Ctrl-C (``status`` "interrupted").
     """
-    from rich.markup import escape
-
-    from dptrain.report.console import RichDisplay, make_console, print_run_table
-    from dptrain.runner import INTERRUPTED, LedgerConfig, StopRequest, stop_on_signals, write_suite
-
     console = console or make_console()
     epsilons = tuple(float(e) for e in (epsilons or (QUICK_EPSILONS if quick else DEMO_EPSILONS)))
     if not epsilons or any(not (e > 0 and math.isfinite(e)) for e in epsilons):
@@ -216,14 +164,3 @@ def run_demo(
     console.print(f"report: {report}", soft_wrap=True, markup=False)
     return {"report": report, "output_dir": out, "summaries": summaries, "interrupted": interrupted,
             "seconds": seconds}
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m dptrain.demo [options]`` is ``dptrain demo [options]``."""
-    from dptrain.cli import main as cli_main
-
-    return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -18,6 +18,8 @@ import sys
 from dataclasses import replace
 from typing import Any, TextIO
 
+from dptrain.cli.common import fmt, format_table
+
 EXPERIMENTS = ("memorization",)
 
 
@@ -70,16 +72,8 @@ def _config(args: argparse.Namespace) -> Any:
     return config
 
 
-def _fmt(value: float | None, spec: str = ".3f") -> str:
-    if value is None:
-        return "-"
-    return "inf" if isinstance(value, float) and math.isinf(value) else format(value, spec)
-
-
 def format_report(result: dict[str, Any]) -> str:
     """The experiment's result as text: one row per model, the ledgers, the separation verdict."""
-    from dptrain.audit.command import format_table
-
     levels = [g["repeats"] for g in result["runs"][0]["by_repeats"]]
     header = ["run", "eps (per user)", "val ppl", "released ppl", *[f"exposure x{r}" for r in levels], "extracted"]
     rows = []
@@ -88,8 +82,8 @@ def format_report(result: dict[str, Any]) -> str:
         eps = run.get("epsilon_total")
         rows.append([
             run["name"],
-            "-" if run["name"].startswith("public") else ("inf" if eps is None else _fmt(eps, ".2f")),
-            _fmt(run["validation_perplexity"]),
+            "-" if run["name"].startswith("public") else ("inf" if eps is None else fmt(eps, ".2f")),
+            fmt(run["validation_perplexity"]),
             "-" if released is None else f"{released['perplexity']:.3f}",
             *[f"{g['mean_exposure']:.1f}" for g in run["by_repeats"]],
             " ".join(f"x{g['repeats']}:{g['extracted']}/{g['canaries']}" for g in run["by_repeats"]),
@@ -155,20 +149,3 @@ def run_experiment_command(args: argparse.Namespace, out: TextIO | None = None, 
     else:
         print(format_report(result), file=out)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m dptrain.lm.command memorization --quick``."""
-    parser = add_experiment_arguments(
-        argparse.ArgumentParser(prog="dptrain experiment", description=__doc__.split("\n\n")[0])
-    )
-    args = parser.parse_args(argv)
-    try:
-        return run_experiment_command(args)
-    except ValueError as e:
-        print(f"dptrain experiment: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

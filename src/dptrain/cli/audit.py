@@ -27,8 +27,9 @@ from dptrain.audit.gradient_canaries import GradientCanaries
 from dptrain.audit.mia import LiRAAuditResult, MembershipAuditResult, loss_threshold_attack, run_lira
 from dptrain.audit.one_run import PrivacyViolationWarning
 from dptrain.audit.training import TrainingAuditReport, audit_training_run, classification_accuracy
+from dptrain.cli.common import EXIT_SUSPICIOUS, fmt, format_table
+from dptrain.datasets import load_digits_split
 
-EXIT_SUSPICIOUS = 3
 QUICK = {"epochs": 15, "canaries": 200, "epsilon": [1.0]}
 
 
@@ -82,22 +83,14 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
     return config
 
 
-def _fmt(value: float | None, spec: str = ".3f") -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float) and math.isinf(value):
-        return "inf"
-    return format(value, spec)
-
-
 def _mia_cells(result: MembershipAuditResult | None) -> list[str]:
     if result is None:
         return ["-"] * 4
     return [
-        _fmt(result.auc),
-        _fmt(result.tpr_at_fpr.get(0.001)),
-        _fmt(result.tpr_at_fpr.get(0.01)),
-        _fmt(result.epsilon_lower_bound, ".2f"),
+        fmt(result.auc),
+        fmt(result.tpr_at_fpr.get(0.001)),
+        fmt(result.tpr_at_fpr.get(0.01)),
+        fmt(result.epsilon_lower_bound, ".2f"),
     ]
 
 
@@ -111,33 +104,22 @@ def _report_row(report: TrainingAuditReport) -> list[str]:
     one = report.one_run
     return [
         report.name,
-        _fmt(report.claimed_epsilon, ".2f"),
-        _fmt(report.test_accuracy),
+        fmt(report.claimed_epsilon, ".2f"),
+        fmt(report.test_accuracy),
         *_mia_cells(report.membership),
-        _fmt(report.canary_membership.auc),
-        _fmt(report.canary_membership.epsilon_lower_bound, ".2f"),
+        fmt(report.canary_membership.auc),
+        fmt(report.canary_membership.epsilon_lower_bound, ".2f"),
         f"{one.num_correct}/{one.num_guesses}",
-        _fmt(one.empirical_epsilon_lower_bound, ".2f"),
-        "-" if report.white_box is None else _fmt(report.white_box.empirical_epsilon_lower_bound, ".2f"),
+        fmt(one.empirical_epsilon_lower_bound, ".2f"),
+        "-" if report.white_box is None else fmt(report.white_box.empirical_epsilon_lower_bound, ".2f"),
         "SUSPICIOUS" if report.suspicious else "ok",
     ]
 
 
-def format_table(rows: list[list[str]], header: list[str]) -> str:
-    """A plain fixed-width table."""
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        # First column left-aligned (names), the others right-aligned (numbers).
-        return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
-
-
 def _lira_rows(name: str, lira: LiRAAuditResult) -> list[list[str]]:
     return [
-        [f"{name} / {r.attack}", _fmt(lira.claimed_epsilon, ".2f"), _fmt(r.auc), _fmt(r.tpr_at_fpr.get(0.001)),
-         _fmt(r.tpr_at_fpr.get(0.01)), _fmt(r.epsilon_lower_bound, ".2f"), "SUSPICIOUS" if r.violates_bound else "ok"]
+        [f"{name} / {r.attack}", fmt(lira.claimed_epsilon, ".2f"), fmt(r.auc), fmt(r.tpr_at_fpr.get(0.001)),
+         fmt(r.tpr_at_fpr.get(0.01)), fmt(r.epsilon_lower_bound, ".2f"), "SUSPICIOUS" if r.violates_bound else "ok"]
         for r in (lira.online, lira.offline)
     ]
 
@@ -146,8 +128,6 @@ LIRA_HEADER = ["run / attack", "claimed eps", "AUC", "TPR@0.1%", "TPR@1%", "eps 
 
 
 def _audit_loaded(args: argparse.Namespace, config: dict[str, Any], out: TextIO) -> int:
-    from dptrain.demo import load_digits_split
-
     train, test = load_digits_split()
     model = digits_mlp()
     model.load_state_dict(torch.load(args.load, map_location="cpu", weights_only=True))
@@ -161,7 +141,7 @@ def _audit_loaded(args: argparse.Namespace, config: dict[str, Any], out: TextIO)
         print(json.dumps(payload), file=out)
     else:
         header = ["model", "claimed eps", "test acc", "MIA AUC", "TPR@0.1%", "TPR@1%", "MIA eps LB", "verdict"]
-        row = [args.load, _fmt(args.claimed_epsilon, ".2f"), _fmt(accuracy), *_mia_cells(result),
+        row = [args.load, fmt(args.claimed_epsilon, ".2f"), fmt(accuracy), *_mia_cells(result),
                "SUSPICIOUS" if result.violates_bound else "ok"]
         print(format_table([row], header), file=out)
         print("\n" + result.message(), file=out)
@@ -253,12 +233,3 @@ def _audit_demo(args: argparse.Namespace, config: dict[str, Any], out: TextIO) -
             file=out,
         )
     return EXIT_SUSPICIOUS if suspicious else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = add_audit_arguments(argparse.ArgumentParser(prog="dptrain audit", description=__doc__.split("\n\n")[0]))
-    return run_audit_command(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,5 @@
+"""``python -m dptrain ARGS`` is ``dptrain ARGS``."""
+
+from dptrain.cli import main
+
+raise SystemExit(main())

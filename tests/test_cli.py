@@ -170,6 +170,45 @@ def test_help_shows_an_example(capsys, argv):
         assert "example:\n  dptrain " in out
 
 
+HEAVY = ("torch", "dp_accounting", "matplotlib", "transformers", "rich")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], *([command, "--help"] for command in ("demo", "train", "report", "epsilon", "calibrate", "audit",
+                                                        "experiment")), ["budget", "create", "--help"]],
+)
+def test_help_loads_no_heavy_library(argv):
+    """Answering --help needs argparse only: torch, dp_accounting, matplotlib, transformers and rich load when a
+    command runs (each is a second or more of a cold start)."""
+    code = (
+        "import sys\nfrom dptrain.cli import main\ncode = main(sys.argv[1:])\n"
+        f"print('LOADED', sorted(m for m in {HEAVY!r} if m in sys.modules))\nraise SystemExit(code)"
+    )
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(SRC)})
+    assert done.returncode == 0, done.stderr
+    assert "usage: dptrain" in done.stdout and done.stdout.rstrip().endswith("LOADED []"), done.stdout[-300:]
+
+
+def test_an_accounting_command_loads_no_torch():
+    code = (
+        "import sys\nfrom dptrain.cli import main\n"
+        f"code = main({EPSILON_ARGS!r})\nprint('TORCH', 'torch' in sys.modules)\nraise SystemExit(code)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(SRC)})
+    assert done.returncode == 0 and done.stdout.rstrip().endswith("TORCH False"), done.stdout + done.stderr
+
+
+def test_the_parser_spells_the_library_choices_as_the_library_does():
+    from dptrain.accounting import ACCOUNTANTS
+    from dptrain.budget import PRIVACY_UNITS
+    from dptrain.cli import common
+
+    assert common.ACCOUNTANTS == ACCOUNTANTS and common.PRIVACY_UNITS == PRIVACY_UNITS
+
+
 def _rounded(text: str) -> str:
     """``text`` with decimals cut to 4 significant digits: last-digit drift across platforms is not a doc error."""
     return re.sub(r"\d+\.\d+", lambda m: f"{float(m.group()):.4g}", text)

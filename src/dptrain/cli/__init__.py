@@ -17,7 +17,6 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from dptrain.budget import BudgetError
 from dptrain.cli.accounting import add_calibrate, add_epsilon
 from dptrain.cli.budget import add_budget
 from dptrain.cli.common import EXIT_INTERRUPTED, EXIT_OK, EXIT_REFUSED, EXIT_USAGE
@@ -36,9 +35,8 @@ EXAMPLES = """examples:
 Run 'dptrain COMMAND --help' for a command's options."""
 
 # -- audit and experiment ----------------------------------------------------------------------------------------------
-# Their options live in dptrain.cli.audit and dptrain.cli.experiment, which load torch (and transformers): main()
-# imports them only to run them, so that the other commands start without torch. They are registered here only to
-# be listed in `dptrain --help`.
+# Their options live in dptrain.cli.audit and dptrain.cli.experiment (which load torch, transformers, only when the
+# command runs); main() hands the arguments over to them. They are registered here only to be listed in --help.
 
 
 def _add_audit(subparsers: Any) -> None:
@@ -65,7 +63,7 @@ def _delegate(argv: list[str], prog: str, description: str, example: str, add_ar
 
 
 def _run_audit(argv: list[str]) -> int:
-    from dptrain.cli.audit import add_audit_arguments, run_audit_command  # torch: only to run it
+    from dptrain.cli.audit import add_audit_arguments, run_audit_command
 
     return _delegate(
         argv,
@@ -88,7 +86,7 @@ def _add_experiment(subparsers: Any) -> None:
 
 
 def _run_experiment(argv: list[str]) -> int:
-    from dptrain.cli.experiment import add_experiment_arguments, run_experiment_command  # transformers: only to run it
+    from dptrain.cli.experiment import add_experiment_arguments, run_experiment_command
 
     return _delegate(
         argv,
@@ -136,12 +134,16 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(filter(None, ["dptrain", args.command, getattr(args, "action", None)]))
     try:
         return args.handler(args)
-    except BudgetError as e:
-        print(f"{command}: {e}", file=sys.stderr)
-        return EXIT_REFUSED
-    except ValueError as e:
-        print(f"{command}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    except Exception as e:
+        from dptrain.budget import BudgetError  # dp_accounting: loaded when needed, not for --help
+
+        if isinstance(e, BudgetError):
+            print(f"{command}: {e}", file=sys.stderr)
+            return EXIT_REFUSED
+        if isinstance(e, ValueError):
+            print(f"{command}: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
     except KeyboardInterrupt:  # a second Ctrl-C: aborted without the clean shutdown
         print(f"{command}: aborted (a ledger reservation of an unfinished run stays in place)", file=sys.stderr)
         return EXIT_INTERRUPTED

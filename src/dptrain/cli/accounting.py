@@ -1,4 +1,4 @@
-"""``dptrain epsilon`` and ``dptrain calibrate``: accounting only (no torch)."""
+"""``dptrain epsilon`` and ``dptrain calibrate``: accounting only (no torch; dp_accounting only to compute)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import argparse
 import math
 from typing import Any
 
-from dptrain.accounting import ACCOUNTANTS, calibrate_noise, compute_epsilon
-from dptrain.cli.common import EXIT_OK, add_json_flag, add_step_arguments, emit, subcommand
+from dptrain.cli.common import ACCOUNTANTS, EXIT_OK, add_json_flag, add_step_arguments, emit, subcommand
 
 
 def add_epsilon(subparsers: Any) -> None:
@@ -25,6 +24,8 @@ def add_epsilon(subparsers: Any) -> None:
 
 
 def _run_epsilon(args: argparse.Namespace) -> int:
+    from dptrain.accounting import compute_epsilon  # dp_accounting: loaded to compute, not to parse options
+
     if args.noise_multiplier == 0:
         raise ValueError("--noise-multiplier 0 adds no noise: the run is not private (epsilon is infinite)")
     eps = compute_epsilon(
@@ -67,6 +68,8 @@ def add_calibrate(subparsers: Any) -> None:
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
+    from dptrain.accounting import calibrate_noise, compute_epsilon  # dp_accounting: loaded to compute
+
     steps = args.steps
     if args.epochs is not None:
         if not (0 < args.sample_rate <= 1 and 0 < args.epochs < math.inf):

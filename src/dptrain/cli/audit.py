@@ -18,17 +18,13 @@ import math
 import sys
 import time
 import warnings
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-import torch
-
-from dptrain.audit.digits import digits_audit_data, digits_mlp, make_digits_train_fn
-from dptrain.audit.gradient_canaries import GradientCanaries
-from dptrain.audit.mia import LiRAAuditResult, MembershipAuditResult, loss_threshold_attack, run_lira
-from dptrain.audit.one_run import PrivacyViolationWarning
-from dptrain.audit.training import TrainingAuditReport, audit_training_run, classification_accuracy
 from dptrain.cli.common import EXIT_SUSPICIOUS, fmt, format_table
-from dptrain.datasets import load_digits_split
+
+if TYPE_CHECKING:  # torch and the audits load when the command runs, not for its --help
+    from dptrain.audit.mia import LiRAAuditResult, MembershipAuditResult
+    from dptrain.audit.training import TrainingAuditReport
 
 QUICK = {"epochs": 15, "canaries": 200, "epsilon": [1.0]}
 
@@ -128,6 +124,13 @@ LIRA_HEADER = ["run / attack", "claimed eps", "AUC", "TPR@0.1%", "TPR@1%", "eps 
 
 
 def _audit_loaded(args: argparse.Namespace, config: dict[str, Any], out: TextIO) -> int:
+    import torch
+
+    from dptrain.audit.digits import digits_mlp
+    from dptrain.audit.mia import loss_threshold_attack
+    from dptrain.audit.training import classification_accuracy
+    from dptrain.datasets import load_digits_split
+
     train, test = load_digits_split()
     model = digits_mlp()
     model.load_state_dict(torch.load(args.load, map_location="cpu", weights_only=True))
@@ -150,6 +153,8 @@ def _audit_loaded(args: argparse.Namespace, config: dict[str, Any], out: TextIO)
 
 def run_audit_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Run ``dptrain audit`` with parsed ``args``; print a table (or one JSON object with ``--json``) to ``out``."""
+    import torch
+
     out = out or sys.stdout
     config = _resolve(args)
     threads = torch.get_num_threads()
@@ -163,6 +168,12 @@ def run_audit_command(args: argparse.Namespace, out: TextIO | None = None) -> in
 
 
 def _audit_demo(args: argparse.Namespace, config: dict[str, Any], out: TextIO) -> int:
+    from dptrain.audit.digits import digits_audit_data, make_digits_train_fn
+    from dptrain.audit.gradient_canaries import GradientCanaries
+    from dptrain.audit.mia import run_lira
+    from dptrain.audit.one_run import PrivacyViolationWarning
+    from dptrain.audit.training import audit_training_run
+
     train_set, test_set, canaries = digits_audit_data(config["canaries"], seed=config["seed"])
     runs: list[tuple[str, float | None]] = [("non-private", None)] if config["nonprivate"] else []
     runs += [(f"eps={e:g}", e) for e in config["epsilons"]]

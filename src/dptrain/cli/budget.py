@@ -1,13 +1,22 @@
-"""``dptrain budget create|show|spend|history|close``: privacy budget ledgers (no torch)."""
+"""``dptrain budget create|show|spend|history|close``: privacy budget ledgers (no torch; dp_accounting only to
+run)."""
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dptrain.budget import PRIVACY_UNITS, BudgetLedger, BudgetSummary
-from dptrain.cli.common import EXIT_OK, add_json_flag, add_step_arguments, emit, subcommand
+from dptrain.cli.common import EXIT_OK, PRIVACY_UNITS, add_json_flag, add_step_arguments, emit, subcommand
+
+if TYPE_CHECKING:
+    from dptrain.budget import BudgetLedger, BudgetSummary
+
+
+def _ledger(path: str, create: bool = False) -> "BudgetLedger":
+    from dptrain.budget import BudgetLedger  # dp_accounting (composition): loaded to run, not to parse options
+
+    return BudgetLedger(path, create=create)
 
 
 def add_budget(subparsers: Any) -> None:
@@ -73,7 +82,7 @@ def add_budget(subparsers: Any) -> None:
     close.set_defaults(handler=_run_budget_close)
 
 
-def _summary_dict(summary: BudgetSummary) -> dict[str, Any]:
+def _summary_dict(summary: "BudgetSummary") -> dict[str, Any]:
     return {
         **asdict(summary.budget),
         "spent": summary.spent,
@@ -83,7 +92,7 @@ def _summary_dict(summary: BudgetSummary) -> dict[str, Any]:
     }
 
 
-def _summary_text(summary: BudgetSummary) -> str:
+def _summary_text(summary: "BudgetSummary") -> str:
     b = summary.budget
     state = f"closed {b.closed_at}" if b.closed else "open"
     return (
@@ -93,7 +102,7 @@ def _summary_text(summary: BudgetSummary) -> str:
 
 
 def _run_budget_create(args: argparse.Namespace) -> int:
-    budget = BudgetLedger(args.ledger).create(args.name, args.epsilon, args.delta, args.privacy_unit)
+    budget = _ledger(args.ledger, create=True).create(args.name, args.epsilon, args.delta, args.privacy_unit)
     emit(
         args,
         asdict(budget),
@@ -104,7 +113,7 @@ def _run_budget_create(args: argparse.Namespace) -> int:
 
 
 def _run_budget_show(args: argparse.Namespace) -> int:
-    ledger = BudgetLedger(args.ledger, create=False)
+    ledger = _ledger(args.ledger)
     if args.name is not None:
         summary = ledger.summary(args.name)
         emit(args, _summary_dict(summary), _summary_text(summary))
@@ -116,7 +125,7 @@ def _run_budget_show(args: argparse.Namespace) -> int:
 
 
 def _run_budget_spend(args: argparse.Namespace) -> int:
-    ledger = BudgetLedger(args.ledger, create=False)
+    ledger = _ledger(args.ledger)
     entry_id = ledger.spend(
         args.name,
         args.sample_rate,
@@ -136,7 +145,7 @@ def _run_budget_spend(args: argparse.Namespace) -> int:
 
 
 def _run_budget_history(args: argparse.Namespace) -> int:
-    entries = BudgetLedger(args.ledger, create=False).history(args.name)
+    entries = _ledger(args.ledger).history(args.name)
     lines = [
         f"{e.id:>5}  {e.created_at}  {e.status:<8}  q={e.sample_rate:g} sigma={e.noise_multiplier:g} "
         f"steps={e.steps}/{e.planned_steps} group={e.group_size} {e.sampling}"
@@ -152,7 +161,7 @@ def _run_budget_history(args: argparse.Namespace) -> int:
 
 
 def _run_budget_close(args: argparse.Namespace) -> int:
-    ledger = BudgetLedger(args.ledger, create=False)
+    ledger = _ledger(args.ledger)
     ledger.close_budget(args.name)
     budget = ledger.budget(args.name)
     emit(args, asdict(budget), f"closed budget {budget.name!r} at {budget.closed_at}")

@@ -11,6 +11,11 @@ from typing import Any
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_SUSPICIOUS = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130
 
+#: ``dptrain.accounting.ACCOUNTANTS`` and ``dptrain.budget.PRIVACY_UNITS``, spelled out so that building the parser
+#: (``--help``) does not load dp_accounting (about a second); tests/test_cli.py checks they are the same.
+ACCOUNTANTS = ("pld", "rdp")
+PRIVACY_UNITS = ("example", "user")
+
 
 def subcommand(subparsers: Any, name: str, summary: str, example: str) -> argparse.ArgumentParser:
     """A subcommand parser whose ``--help`` ends with a worked example."""

@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup system-packages clean
 
 setup: $(STAMP)
 
@@ -18,7 +18,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/dptrain demo
 
-test: $(STAMP)
+# chromium for the report test: installed by tools/system-packages.sh when missing (as root), else it says how.
+system-packages:
+	tools/system-packages.sh
+
+test: $(STAMP) system-packages
 	$(BIN)/python -m pytest -q
 
 clean:

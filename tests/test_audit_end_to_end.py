@@ -143,3 +143,53 @@ def test_cli_audits_a_saved_model(tmp_path):
     assert abs(payload["membership"]["auc"] - 0.5) < 0.06  # 1437 vs 360 examples: standard error ~0.017
     assert payload["membership"]["bound_epsilon"] == 2.0  # train/test split: the replace-one guarantee
     assert len(payload["membership"]["roc"]["fpr"]) == len(payload["membership"]["roc"]["bound_tpr"])
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A short DP run of the demo's architecture (64-32-10 tanh on inputs mapped to [-1, 1]) written by the runner."""
+    from dptrain.app import DatasetConfig, ModelConfig, PrivacyConfig, RunConfig, TrainingConfig, run_training
+
+    run_dir = tmp_path_factory.mktemp("audited") / "run"
+    config = RunConfig(
+        name="audited", dataset=DatasetConfig(scale_to=(-1.0, 1.0)), model=ModelConfig(hidden=(32,), activation="tanh"),
+        training=TrainingConfig(epochs=2, batch_size=700), privacy=PrivacyConfig(delta=1e-5, noise_multiplier=2.0),
+    )  # fmt: skip
+    result = run_training(config, output_dir=run_dir, handle_signals=False)
+    return run_dir, result.summary
+
+
+@pytest.mark.parametrize("target", ["", "model.pt", "checkpoint.pt"])
+def test_cli_audits_a_model_dptrain_train_wrote_on_its_own_split(trained_run, target):
+    """The run's architecture, data, split and claimed epsilon come from its run.json."""
+    run_dir, summary = trained_run
+    out = io.StringIO()
+    assert run_audit_command(_args(["--load", str(run_dir / target), "--json"]), out) == 0
+    payload = json.loads(out.getvalue())
+    assert payload["claimed_epsilon"] == pytest.approx(summary["privacy"]["epsilon"])
+    membership = payload["membership"]
+    assert membership["num_members"] == summary["dataset"]["num_train"] == 1437
+    assert membership["num_nonmembers"] == summary["dataset"]["num_test"]
+    assert payload["test_accuracy"] == pytest.approx(summary["results"]["test_accuracy"])  # the same model and split
+
+
+def test_cli_audit_refuses_what_it_cannot_audit_with_the_reason(trained_run, tmp_path, capsys):
+    from dptrain.cli import main
+
+    run_dir, _ = trained_run
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "model.pt").write_bytes((run_dir / "model.pt").read_bytes())  # no run.json beside it
+    (tmp_path / "notes.txt").write_text("not a model")
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / "suite.json").write_text(json.dumps({"format": "dptrain-suite/1", "runs": ["nonprivate", "eps3"]}))
+    cases = [
+        (tmp_path / "missing", "does not exist"),
+        (lone / "model.pt", "holds no run.json"),
+        (tmp_path / "notes.txt", "holds no run.json"),
+        (demo, "a demo directory of several runs: pass one of them (nonprivate, eps3)"),
+    ]
+    for path, message in cases:
+        assert main(["audit", "--load", str(path)]) == 2
+        assert message in capsys.readouterr().err, path

@@ -4,8 +4,10 @@ For every run it holds ``--canaries`` examples of the training split out as misl
 training with probability 1/2, trains once (non-private, then DP-Adam at each ``--epsilon`` with dptrain's engine),
 and reports the train/test loss-threshold membership attack, the same attack on the canaries, the one-run
 empirical epsilon lower bound of the canaries (black-box) and, for the private runs, of 2000 gradient canaries in
-the same run (white-box, ``dptrain.audit.gradient_canaries``); ``--lira N`` adds LiRA with N models per run. ``--load PATH`` audits a saved
-``state_dict`` of the demo MLP instead (train/test attack only: canaries must be in training to be audited).
+the same run (white-box, ``dptrain.audit.gradient_canaries``); ``--lira N`` adds LiRA with N models per run. ``--load PATH`` audits a model
+that ``dptrain train`` or the demo wrote instead (a run directory, or its model.pt or checkpoint.pt: the run's own
+data, split and claimed epsilon), or a state dict of the audit's MLP (train/test attack only: canaries must be in
+training to be audited).
 
 Exit status: 0, or 3 when some run is suspicious (it leaks more than its claimed epsilon allows: a probable bug).
 """
@@ -18,6 +20,7 @@ import math
 import sys
 import time
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from dptrain.cli.common import EXIT_SUSPICIOUS, fmt, format_table
@@ -44,8 +47,10 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for this MLP)")
     parser.add_argument("--no-nonprivate", action="store_true", help="skip the non-private reference run")
-    parser.add_argument("--load", metavar="PATH", help="audit a saved state_dict of the demo MLP 64-128-10 instead")
-    parser.add_argument("--claimed-epsilon", type=float, default=math.inf, help="with --load: the model's claimed eps")
+    parser.add_argument("--load", metavar="PATH", help="audit a trained model instead: a run directory of dptrain "
+                        "train or the demo (or its model.pt or checkpoint.pt), or a state dict of the audit's MLP")
+    parser.add_argument("--claimed-epsilon", type=float, default=None,
+                        help="with --load: the epsilon to test against (default: the run's own; inf without DP)")
     parser.add_argument("--quick", action="store_true", help="small settings (15 epochs, 200 canaries, eps 1): seconds")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--curves", action="store_true", help="with --json: include the ROC and bound curves")
@@ -123,28 +128,56 @@ def _lira_rows(name: str, lira: LiRAAuditResult) -> list[list[str]]:
 LIRA_HEADER = ["run / attack", "claimed eps", "AUC", "TPR@0.1%", "TPR@1%", "eps LB", "verdict"]
 
 
-def _audit_loaded(args: argparse.Namespace, config: dict[str, Any], out: TextIO) -> int:
+def _audit_mlp_weights(path: Path) -> dict[str, Any] | None:
+    """The state dict in ``path`` if it is one of the audit's own digits MLP 64-128-10 (its ``--load`` format
+    before runs wrote model.pt), else None."""
     import torch
 
+    from dptrain.audit.digits import digits_mlp
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    expected = {k: v.shape for k, v in digits_mlp().state_dict().items()}
+    if isinstance(state, dict) and {k: getattr(v, "shape", None) for k, v in state.items()} == expected:
+        return state
+    return None
+
+
+def _audit_loaded(args: argparse.Namespace, config: dict[str, Any], out: TextIO) -> int:
+    """The train/held-out membership attack on a saved model: a run directory of dptrain train or the demo (its
+    model.pt or checkpoint.pt; the run's own split and claimed epsilon), or a state dict of the audit's MLP."""
+    from dptrain.app.saved import load_trained
     from dptrain.audit.digits import digits_mlp
     from dptrain.audit.mia import loss_threshold_attack
     from dptrain.audit.training import classification_accuracy
     from dptrain.datasets import load_digits_split
 
-    train, test = load_digits_split()
-    model = digits_mlp()
-    model.load_state_dict(torch.load(args.load, map_location="cpu", weights_only=True))
+    path = Path(args.load)
+    weights = _audit_mlp_weights(path) if path.is_file() else None
+    if weights is not None:
+        (train, test), model = load_digits_split(), digits_mlp()
+        model.load_state_dict(weights)
+        claimed, delta = math.inf, config["delta"]
+    else:
+        trained = load_trained(path)
+        train, test, model = trained.data.train, trained.data.test, trained.model
+        claimed, delta = trained.claimed_epsilon, trained.delta or config["delta"]
+    if args.claimed_epsilon is not None:
+        claimed = args.claimed_epsilon
     result = loss_threshold_attack(
-        model, train, test, claimed_epsilon=args.claimed_epsilon, delta=config["delta"], significance=config["significance"]
+        model, train, test, claimed_epsilon=claimed, delta=delta, significance=config["significance"]
     )
     accuracy = classification_accuracy(model, test)
     if args.json:
-        payload = {"model": args.load, "test_accuracy": accuracy, "membership": result.to_dict(args.curves),
+        payload = {"model": args.load, "claimed_epsilon": None if math.isinf(claimed) else claimed,
+                   "test_accuracy": accuracy, "membership": result.to_dict(args.curves),
                    "suspicious": result.violates_bound}
         print(json.dumps(payload), file=out)
     else:
         header = ["model", "claimed eps", "test acc", "MIA AUC", "TPR@0.1%", "TPR@1%", "MIA eps LB", "verdict"]
-        row = [args.load, fmt(args.claimed_epsilon, ".2f"), fmt(accuracy), *_mia_cells(result),
+        row = [args.load, fmt(claimed, ".2f"), fmt(accuracy), *_mia_cells(result),
                "SUSPICIOUS" if result.violates_bound else "ok"]
         print(format_table([row], header), file=out)
         print("\n" + result.message(), file=out)

@@ -162,3 +162,32 @@ def test_first_signal_requests_a_stop_second_aborts_and_handlers_are_restored():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(5)  # the handler raises in the main thread long before this ends
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_an_abort_mentions_a_ledger_only_when_the_run_has_one(tmp_path, monkeypatch, capsys):
+    """A Ctrl-C the clean shutdown does not catch (the second one; or one in a command that does not train) exits
+    130; the message names the ledger reservation kept in full only when there is one."""
+    import dptrain.accounting
+    import dptrain.app.train
+    from dptrain.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dptrain.accounting, "calibrate_noise", interrupted)
+    args = ["calibrate", "--target-epsilon", "3", "--delta", "1e-5", "--sample-rate", "0.01", "--steps", "100"]
+    assert main(args) == 130
+    assert capsys.readouterr().err.strip() == "dptrain calibrate: interrupted"
+
+    monkeypatch.setattr(dptrain.app.train, "evaluate", interrupted)  # at the end of the first epoch
+    for with_ledger in (False, True):
+        config = tmp_path / f"run-{with_ledger}.toml"
+        text = CONFIG.format(ledger=tmp_path / "privacy.db").replace("epochs = 5000", "epochs = 1")
+        config.write_text(text if with_ledger else text.split("[ledger]")[0])
+        assert main(["train", str(config), "--output-dir", str(tmp_path / f"out-{with_ledger}")]) == 130
+        err = capsys.readouterr().err
+        assert "dptrain train: interrupted" in err
+        assert ("ledger entry 1 of budget 'b'" in err and "keeps the run's whole reservation" in err) is with_ledger
+        assert ("ledger" in err) is with_ledger
+    (entry,) = BudgetLedger(tmp_path / "privacy.db", create=False).history("b")
+    assert entry.status == "reserved"  # kept in full: the ledger never under-counts

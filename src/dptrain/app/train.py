@@ -229,7 +229,7 @@ def run_training(
     loss_fn = nn.CrossEntropyLoss()
     steps = 0
 
-    def epsilonnow() -> float | None:
+    def epsilon_now() -> float | None:
         if engine is None:
             return None
         if not engine.accountant.history:
@@ -262,7 +262,7 @@ def run_training(
                             break
                     test_loss, test_acc = evaluate(model, data.test)
                     # Under Poisson sampling an epoch is a number of steps (1 / q), not a pass over the data.
-                    record = {"epoch": round(steps / steps_per_epoch, 4), "step": steps, "epsilon": epsilonnow(),
+                    record = {"epoch": round(steps / steps_per_epoch, 4), "step": steps, "epsilon": epsilon_now(),
                               "test_loss": test_loss, "test_accuracy": test_acc,
                               "seconds": round(time.perf_counter() - clock, 3)}
                     history.append(record)
@@ -284,6 +284,11 @@ def run_training(
                 engine.close()
             summary = _finish(config, data, model, optimizer, engine, ledger, entry_id, privacy, history, status,
                               steps, steps_per_epoch, started, clock, run_dir)
+    except KeyboardInterrupt as e:  # a second Ctrl-C: no clean shutdown
+        if entry_id is not None:
+            e.add_note(f"ledger entry {entry_id} of budget '{config.ledger.budget}' in {config.ledger.path} keeps "
+                       "the run's whole reservation (it never under-counts)")
+        raise
     finally:
         display.stop()
     return RunResult(status, summary, run_dir, model, stop.signal_number)

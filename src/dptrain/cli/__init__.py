@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{command}: error: {e}", file=sys.stderr)
             return EXIT_USAGE
         raise
-    except KeyboardInterrupt:  # a second Ctrl-C: aborted without the clean shutdown
-        print(f"{command}: aborted (a ledger reservation of an unfinished run stays in place)", file=sys.stderr)
+    except KeyboardInterrupt as e:  # Ctrl-C outside a run's clean shutdown (or a second one during it)
+        notes = "; ".join(getattr(e, "__notes__", ()))  # a run with a ledger says what its reservation keeps
+        print(f"{command}: interrupted" + (f": {notes}" if notes else ""), file=sys.stderr)
         return EXIT_INTERRUPTED

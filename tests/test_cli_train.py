@@ -16,6 +16,7 @@ import torch
 
 from dptrain.budget import BudgetLedger
 from dptrain.cli import main
+from dptrain.app.data import DataRangeWarning
 from dptrain.app import (
     ConfigError,
     DatasetConfig,
@@ -228,14 +229,16 @@ delta = 1e-4
 [audit]
 membership = false
 """
-    loaded = load_dataset(load_config(_write(tmp_path, config)).dataset)
+    with pytest.warns(DataRangeWarning, match=r"of 301 rows: age 1, pressure 1"):
+        loaded = load_dataset(load_config(_write(tmp_path, config)).dataset)
     assert loaded.info["num_train"] == 226 and loaded.info["num_test"] == 75 and loaded.info["num_classes"] == 2
     x = torch.cat([loaded.train.tensors[0], loaded.test.tensors[0]])
     assert x.min() >= 0 and x.max() <= 1
     # the row (130, 250, 1) is clipped to (1, 1, 1); age 60 would be 0.5 by its declared range
     assert (x == 1).all(dim=1).sum() == 1
     out = tmp_path / "run"
-    assert main(["train", str(tmp_path / "config.toml"), "--output-dir", str(out), "--json"]) == 0
+    with pytest.warns(DataRangeWarning):
+        assert main(["train", str(tmp_path / "config.toml"), "--output-dir", str(out), "--json"]) == 0
     run = json.loads(capsys.readouterr().out)
     assert run["status"] == "completed" and run["audit"] is None and run["ledger"] is None
     assert run["model"]["architecture"] == "MLP 3-16-2 (tanh)"

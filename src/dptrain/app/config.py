@@ -73,13 +73,17 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    """Exactly one of ``target_epsilon`` (noise calibrated for the planned epochs) and ``noise_multiplier``."""
+    """Exactly one of ``target_epsilon`` (noise calibrated for the planned epochs) and ``noise_multiplier``.
+
+    ``delta`` >= 1/N (N training examples) is refused unless ``allow_weak_delta``: a mechanism that publishes one
+    random example in full satisfies such a delta. Allowed, it is flagged on the privacy card."""
 
     delta: float
     target_epsilon: float | None = None
     noise_multiplier: float | None = None
     accountant: str = "pld"
     secure_mode: bool = False
+    allow_weak_delta: bool = False
 
 
 @dataclass(frozen=True)
@@ -219,7 +223,7 @@ _DATASET = (
 )
 _MODEL = ("hidden", "activation")
 _TRAINING = ("epochs", "batch_size", "max_grad_norm", "optimizer", "lr", "momentum")
-_PRIVACY = ("target_epsilon", "noise_multiplier", "delta", "accountant", "secure_mode")
+_PRIVACY = ("target_epsilon", "noise_multiplier", "delta", "accountant", "secure_mode", "allow_weak_delta")
 _LEDGER = ("path", "budget", "cap")
 _AUDIT = ("membership",)
 _SECTION_KEYS = {"dataset": _DATASET, "model": _MODEL, "training": _TRAINING, "privacy": _PRIVACY, "ledger": _LEDGER,
@@ -356,6 +360,7 @@ def _parse_privacy(p: _Section, errors: list[str]) -> PrivacyConfig:
         noise_multiplier=sigma,
         accountant=p.get("accountant", "str", "pld", check=_one_of(("pld", "rdp"))),
         secure_mode=p.get("secure_mode", "bool", False),
+        allow_weak_delta=p.get("allow_weak_delta", "bool", False),
     )
 
 

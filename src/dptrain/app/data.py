@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,6 +14,10 @@ from dptrain.app.config import ConfigError, DatasetConfig
 
 if TYPE_CHECKING:  # torch is imported when data is loaded
     from torch.utils.data import TensorDataset
+
+
+class DataRangeWarning(UserWarning):
+    """CSV values outside their declared ``feature_ranges``: clipped to the range."""
 
 
 @dataclass
@@ -108,7 +113,10 @@ def _load_csv(config: DatasetConfig) -> tuple["TensorDataset", "TensorDataset", 
                 try:
                     x[r, j] = float(row[c])
                 except ValueError:
-                    errors.append(f"{config.path} line {line}, column {features[j]!r}: {row[c]!r} is not a number")
+                    errors.append(
+                        f"{config.path} line {line}, column {features[j]!r}: {row[c]!r} is not a number (a "
+                        "categorical column must be encoded as numbers first, or left out of [dataset] features)"
+                    )
                 else:
                     if not math.isfinite(x[r, j]):
                         errors.append(f"{config.path} line {line}, column {features[j]!r}: {row[c]!r} is not finite")
@@ -119,6 +127,15 @@ def _load_csv(config: DatasetConfig) -> tuple["TensorDataset", "TensorDataset", 
         raise ConfigError(errors, source)
     low = np.array([ranges.get(f, config.feature_range)[0] for f in features])
     high = np.array([ranges.get(f, config.feature_range)[1] for f in features])
+    outside = ((x < low) | (x > high)).sum(axis=0)
+    if outside.any():
+        # For the operator loading their own data (not written to the run's files): a declared range that does not
+        # hold clips real values, which costs accuracy silently.
+        counts = ", ".join(f"{f} {int(n)}" for f, n in zip(features, outside) if n)
+        warnings.warn(
+            f"{config.path}: values outside their declared range were clipped to it (of {len(rows)} rows: "
+            f"{counts}); widen feature_ranges if the range was wrong", DataRangeWarning, stacklevel=2,
+        )  # fmt: skip
     x = np.clip((x - low) / (high - low), 0.0, 1.0)
     order = np.random.default_rng(config.split_seed).permutation(len(rows))
     num_test = min(len(rows) - 1, max(1, round(len(rows) * config.test_fraction)))

@@ -31,6 +31,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -86,21 +87,30 @@ def _check_output_dir(path: Path) -> None:
         raise ConfigError([f"output_dir {path} exists and is not a directory"], str(path))
 
 
-def _open_ledger(config: LedgerConfig, delta: float) -> Any:
-    """The ledger with the budget checked (created if ``cap`` is given and it does not exist)."""
+def _open_ledger(config: LedgerConfig, delta: float, create: bool = True) -> Any:
+    """The ledger with the budget checked (created if ``cap`` is given and it does not exist). ``create=False``
+    checks only: nothing is created (None when the ledger does not exist yet and ``cap`` would create it)."""
     from dptrain.budget import BudgetLedger, UnknownBudgetError
 
     path = Path(config.path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ledger = BudgetLedger(path)
+    missing = ConfigError(
+        [f"[ledger] no budget {config.budget!r} in {path}: create it (dptrain budget create {config.budget} "
+         f"--epsilon CAP --delta {delta:g} --ledger {path}) or set cap = CAP to create it"], str(path)
+    )  # fmt: skip
+    if not create and not path.exists():
+        if config.cap is None:
+            raise missing
+        return None
+    if create:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    ledger = BudgetLedger(path, create=create)
     try:
         budget = ledger.budget(config.budget)
     except UnknownBudgetError:
         if config.cap is None:
-            raise ConfigError(
-                [f"[ledger] no budget {config.budget!r} in {path}: create it (dptrain budget create {config.budget} "
-                 f"--epsilon CAP --delta {delta:g} --ledger {path}) or set cap = CAP to create it"], str(path)
-            ) from None
+            raise missing from None
+        if not create:
+            return ledger
         budget = ledger.create(config.budget, config.cap, delta)
     problems = []
     if config.cap is not None and budget.epsilon != config.cap:
@@ -114,6 +124,30 @@ def _open_ledger(config: LedgerConfig, delta: float) -> Any:
     if problems:
         raise ConfigError(problems, str(path))
     return ledger
+
+
+def weak_delta(config: RunConfig, num_train: int) -> bool:
+    """Whether the run's delta is >= 1/N; refused (ConfigError) unless ``[privacy] allow_weak_delta = true``."""
+    pc = config.privacy
+    if pc is None or pc.delta < 1.0 / num_train:
+        return False
+    if not pc.allow_weak_delta:
+        raise ConfigError([
+            f"[privacy] delta = {pc.delta:g} >= 1/N = {1.0 / num_train:.3g} ({num_train} training examples): a "
+            "mechanism that publishes one random example in full satisfies it; choose delta well below 1/N (e.g. "
+            f"{num_train ** -1.1:.1g}), or set allow_weak_delta = true (the privacy card then says so)"
+        ], "config")  # fmt: skip
+    return True
+
+
+def check_run(config: RunConfig) -> LoadedData:
+    """What :func:`run_training` checks before its first step, without training or writing any file: the data
+    (loaded and validated), delta against the number of training examples, and the ledger (read, never created)."""
+    data = load_dataset(config.dataset)
+    weak_delta(config, len(data.train))
+    if config.ledger is not None and config.privacy is not None:
+        _open_ledger(config.ledger, config.privacy.delta, create=False)
+    return data
 
 
 def _ledger_info(ledger: Any, budget_name: str, entry_id: int | None) -> dict[str, Any]:
@@ -158,9 +192,18 @@ def run_training(
 
     ``output_dir`` overrides ``config.output_dir`` (default ``runs/<name>-<timestamp>``). ``stop`` ends training
     after the current step when set (SIGINT and SIGTERM set it when ``handle_signals`` and on the main thread).
-    Raises :class:`ConfigError` for a bad dataset or ledger setting and ``BudgetExceededError`` when the budget
-    cannot hold the planned run (nothing is trained or recorded then).
+    Raises :class:`ConfigError` for a bad dataset or ledger setting (delta >= 1/N included, unless allowed) and
+    ``BudgetExceededError`` when the budget cannot hold the planned run (nothing is trained or recorded then).
     """
+    with warnings.catch_warnings():
+        if config.privacy is not None and config.privacy.allow_weak_delta:
+            # Allowed by the config and stated on the privacy card: not repeated as a warning at every epsilon.
+            warnings.filterwarnings("ignore", message=r"delta=.* >= 1/N")
+        return _run_training(config, output_dir, display, stop, handle_signals, write_files)
+
+
+def _run_training(config: RunConfig, output_dir: str | os.PathLike[str] | None, display: RunDisplay | None,
+                  stop: StopRequest | None, handle_signals: bool, write_files: bool) -> RunResult:
     import torch
     from torch import nn
     from torch.utils.data import DataLoader
@@ -174,6 +217,7 @@ def run_training(
     started, clock = now(), time.perf_counter()
     data = load_dataset(config.dataset)
     info = data.info
+    weak_delta(config, len(data.train))
     tc, pc = config.training, config.privacy
     torch.manual_seed(config.seed)
     model = build_model(info["num_features"], info["num_classes"], config.model)
@@ -380,7 +424,7 @@ def _privacy_settings(
             "accountant": None, "sampling": "shuffled fixed-size batches", "sample_rate": None,
             "expected_batch_size": tc.batch_size, "noise_multiplier": None, "max_grad_norm": None,
             "steps": 0, "planned_steps": planned_steps, "steps_per_epoch": steps_per_epoch,
-            "epochs_planned": tc.epochs, "epochs_completed": 0, "secure_mode": False,
+            "epochs_planned": tc.epochs, "epochs_completed": 0, "secure_mode": False, "weak_delta": False,
             "privacy_unit": "example", "neighbouring_relation": None,
         }
     q = optimizer.sample_rate
@@ -391,6 +435,7 @@ def _privacy_settings(
         "noise_multiplier": optimizer.noise_multiplier, "max_grad_norm": tc.max_grad_norm, "steps": 0,
         "planned_steps": planned_steps, "steps_per_epoch": steps_per_epoch, "epochs_planned": tc.epochs,
         "epochs_completed": 0, "secure_mode": pc.secure_mode, "budget_step_allowance": allowance,
+        "weak_delta": pc.delta >= 1.0 / num_train,
         "privacy_unit": "example", "neighbouring_relation": "add or remove one example",
     }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dptrain.cli.common import EXIT_OK, PRIVACY_UNITS, add_json_flag, add_step_arguments, emit, subcommand
@@ -102,7 +103,15 @@ def _summary_text(summary: "BudgetSummary") -> str:
 
 
 def _run_budget_create(args: argparse.Namespace) -> int:
-    budget = _ledger(args.ledger, create=True).create(args.name, args.epsilon, args.delta, args.privacy_unit)
+    path = Path(args.ledger)
+    existed = path.exists()
+    try:
+        budget = _ledger(args.ledger, create=True).create(args.name, args.epsilon, args.delta, args.privacy_unit)
+    except Exception:
+        if not existed:  # a refused create leaves no ledger file behind
+            for leftover in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+                leftover.unlink(missing_ok=True)
+        raise
     emit(
         args,
         asdict(budget),

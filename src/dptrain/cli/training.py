@@ -71,7 +71,8 @@ CONFIG_HELP = """config (TOML; unknown keys, wrong types and missing sections ar
   [model]     hidden = [128]; activation = "relu" | "tanh" | "gelu" | "elu" | "silu"
   [training]  epochs, batch_size (required); max_grad_norm = 1.0; optimizer = "adam" | "sgd"; lr = 0.01;
               momentum (sgd)
-  [privacy]   target_epsilon or noise_multiplier; delta (required); accountant = "pld" | "rdp"; secure_mode = false
+  [privacy]   target_epsilon or noise_multiplier; delta (required); accountant = "pld" | "rdp"; secure_mode = false;
+              allow_weak_delta = false (delta >= 1/N is refused without it)
   [ledger]    path, budget (optional section); cap = E creates the budget if missing
   [audit]     membership = false (true: the loss-threshold attack, outside the guarantee, for reviewers)
 
@@ -95,7 +96,8 @@ def add_train(subparsers: Any) -> None:
         "--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
         help="override a config value, e.g. --set privacy.target_epsilon=1 (repeatable; VALUE is read as TOML)",
     )
-    p.add_argument("--check", action="store_true", help="validate the config and exit")
+    p.add_argument("--check", action="store_true",
+                   help="validate the config, the data and the ledger without training, and exit")
     p.add_argument("--json", action="store_true", help="print the run summary (run.json) as one JSON object")
     add_threads(p, None)
     p.set_defaults(handler=_run_train)
@@ -105,8 +107,16 @@ def _run_train(args: argparse.Namespace) -> int:
     from dptrain.app import load_config
 
     config = load_config(args.config, args.overrides)
-    if args.check:
-        print(json.dumps(config.to_dict()) if args.json else f"{args.config}: valid")
+    if args.check:  # the data and the ledger too, as the run would check them, without training or writing
+        from dptrain.app.train import check_run  # torch: loads the data
+
+        data = check_run(config)
+        if args.json:
+            print(json.dumps({"config": config.to_dict(), "num_train": len(data.train), "num_test": len(data.test)}))
+        else:
+            print(f"{args.config}: valid ({len(data.train)} training and {len(data.test)} held-out examples"
+                  + (f"; ledger {config.ledger.path}, budget '{config.ledger.budget}'" if config.ledger else "")
+                  + ")")
         return EXIT_OK
     set_threads(args.threads)
     from dptrain.report.console import RichDisplay, make_console, print_run_table

@@ -98,6 +98,12 @@ def _statement(run: dict[str, Any]) -> str:
 def _limitations(run: dict[str, Any]) -> list[str]:
     privacy, dataset = run["privacy"], run["dataset"]
     items = []
+    if privacy.get("weak_delta"):
+        items.append(
+            f"WEAK DELTA: delta = {privacy['delta']:g} is at least 1/N for the {dataset['num_train']} training examples "
+            "(allowed by allow_weak_delta): a mechanism that publishes one random example in full satisfies this "
+            "delta, so the (epsilon, delta) statement protects little on its own."
+        )
     if privacy["differentially_private"]:
         items.append(
             "The privacy unit is one example (one row). If a person can appear in several rows, their protection is "
@@ -200,6 +206,7 @@ def build_card(run: dict[str, Any], run_dir: str | None = None) -> dict[str, Any
             "differentially_private": dp,
             "epsilon": privacy["epsilon"] if dp else None,
             "delta": privacy["delta"] if dp else None,
+            "weak_delta": bool(privacy.get("weak_delta")),
             "target_epsilon": privacy["target_epsilon"],
             "neighbouring_relation": privacy["neighbouring_relation"],
             "accountant": privacy["accountant"],
@@ -274,7 +281,8 @@ def card_markdown(card: dict[str, Any]) -> str:
                   ("preprocessing", d["preprocessing"]),
                   ("privacy unit", card["privacy_unit"]["description"])]),
         ("Guarantee", [("differentially private", g["differentially_private"]), ("epsilon", g["epsilon"]),
-                       ("delta", g["delta"]), ("target epsilon", g["target_epsilon"]),
+                       ("delta", g["delta"]), ("weak delta (>= 1/N)", g["weak_delta"]),
+                       ("target epsilon", g["target_epsilon"]),
                        ("neighbouring datasets", g["neighbouring_relation"]), ("accountant", g["accountant"]),
                        ("accounting library", g["accountant_library"])]),
         ("Mechanism", [(k.replace("_", " "), v) for k, v in m.items()]),

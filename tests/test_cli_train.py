@@ -16,15 +16,18 @@ import torch
 
 from dptrain.budget import BudgetLedger
 from dptrain.cli import main
-from dptrain.app.data import DataRangeWarning
 from dptrain.app import (
     ConfigError,
     DatasetConfig,
+    ModelConfig,
+    PrivacyConfig,
+    TrainingConfig,
     load_config,
     load_dataset,
     parse_config,
     parse_override,
 )
+from dptrain.app.data import DataRangeWarning
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "digits.toml"
 
@@ -322,3 +325,21 @@ def test_digits_split_is_the_documented_one_and_scaling_is_fixed():
     centred = load_dataset(DatasetConfig(name="digits", scale_to=(-1.0, 1.0)))
     assert torch.equal(centred.train.tensors[0], 2 * x - 1)
     assert "onto [-1, 1]" in centred.info["preprocessing"]
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: TrainingConfig(optimizer="adamw"), "[training] optimizer must be one of ['sgd', 'adam'], got 'adamw'"),
+        (lambda: TrainingConfig(epochs=0), "[training] epochs must be an integer >= 1, got 0"),
+        (lambda: PrivacyConfig(delta=1e-5), "[privacy] set exactly one of target_epsilon and noise_multiplier"),
+        (lambda: PrivacyConfig(delta=2.0, noise_multiplier=1.0), "[privacy] delta must be in (0, 1), got 2.0"),
+        (lambda: ModelConfig(activation="swish"), "[model] activation must be one of"),
+        (lambda: DatasetConfig(name="mnist"), "[dataset] name must be one of ['digits', 'csv'], got 'mnist'"),
+    ],
+)
+def test_a_config_built_in_python_is_validated_as_a_toml_one_is(build, message):
+    """A TrainingConfig(optimizer="adamw") used to train with SGD silently: every config checks itself."""
+    with pytest.raises(ConfigError) as error:
+        build()
+    assert message in str(error.value)

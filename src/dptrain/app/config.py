@@ -28,6 +28,17 @@ class ConfigError(ValueError):
         super().__init__(f"invalid config {source}:\n{details}")
 
 
+def _refuse(section: str, problems: list[str | None]) -> None:
+    """A config built in Python is checked as the TOML parser checks it: raise ConfigError listing every problem."""
+    found = [f"[{section}] {p}" for p in problems if p]
+    if found:
+        raise ConfigError(found, "config")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @dataclass(frozen=True)
 class DatasetConfig:
     """``name``: "digits" (scikit-learn's, shipped) or "csv" (``path`` with a ``label_column``).
@@ -50,6 +61,13 @@ class DatasetConfig:
     split_seed: int = 0
     scale_to: tuple[float, float] = (0.0, 1.0)
 
+    def __post_init__(self) -> None:
+        _refuse("dataset", [
+            None if self.name in DATASETS else f"name must be one of {list(DATASETS)}, got {self.name!r}",
+            None if _number(self.test_fraction) and 0 < self.test_fraction < 1 else
+            f"test_fraction must be in (0, 1), got {self.test_fraction!r}",
+        ])  # fmt: skip
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -57,6 +75,14 @@ class ModelConfig:
 
     hidden: tuple[int, ...] = (128,)
     activation: str = "relu"
+
+    def __post_init__(self) -> None:
+        _refuse("model", [
+            None if self.activation in ACTIVATIONS else f"activation must be one of {list(ACTIVATIONS)}, got "
+            f"{self.activation!r}",
+            None if all(isinstance(h, int) and h >= 1 for h in self.hidden) else
+            f"hidden sizes must be integers >= 1, got {self.hidden!r}",
+        ])  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -69,6 +95,18 @@ class TrainingConfig:
     optimizer: str = "adam"
     lr: float = 0.01
     momentum: float = 0.0
+
+    def __post_init__(self) -> None:
+        _refuse("training", [
+            None if self.optimizer in OPTIMIZERS else f"optimizer must be one of {list(OPTIMIZERS)}, got "
+            f"{self.optimizer!r}",
+            *(None if isinstance(v, int) and not isinstance(v, bool) and v >= 1 else f"{k} must be an integer >= 1, "
+              f"got {v!r}" for k, v in (("epochs", self.epochs), ("batch_size", self.batch_size))),
+            *(None if _number(v) and v > 0 else f"{k} must be a finite number > 0, got {v!r}"
+              for k, v in (("lr", self.lr), ("max_grad_norm", self.max_grad_norm))),
+            None if _number(self.momentum) and 0 <= self.momentum < 1 else
+            f"momentum must be in [0, 1), got {self.momentum!r}",
+        ])  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -84,6 +122,16 @@ class PrivacyConfig:
     accountant: str = "pld"
     secure_mode: bool = False
     allow_weak_delta: bool = False
+
+    def __post_init__(self) -> None:
+        chosen = [v for v in (self.target_epsilon, self.noise_multiplier) if v is not None]
+        _refuse("privacy", [
+            None if _number(self.delta) and 0 < self.delta < 1 else f"delta must be in (0, 1), got {self.delta!r}",
+            None if len(chosen) == 1 else "set exactly one of target_epsilon and noise_multiplier",
+            *(None if _number(v) and v > 0 else f"target_epsilon and noise_multiplier must be finite and > 0, got "
+              f"{v!r}" for v in chosen),
+            None if self.accountant in ("pld", "rdp") else f"accountant must be 'pld' or 'rdp', got {self.accountant!r}",
+        ])  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -345,7 +393,7 @@ def _parse_dataset(d: _Section, errors: list[str]) -> DatasetConfig:
     )
 
 
-def _parse_privacy(p: _Section, errors: list[str]) -> PrivacyConfig:
+def _parse_privacy(p: _Section, errors: list[str]) -> PrivacyConfig | None:
     target = p.get("target_epsilon", "float", check=_positive)
     sigma = p.get("noise_multiplier", "float", check=_positive)
     delta = p.get("delta", "float", 1e-5, required=True, check=lambda v: None if 0 < v < 1 else
@@ -354,13 +402,18 @@ def _parse_privacy(p: _Section, errors: list[str]) -> PrivacyConfig:
         errors.append("[privacy] set target_epsilon or noise_multiplier, not both")
     elif "target_epsilon" not in p.data and "noise_multiplier" not in p.data:
         errors.append("[privacy] missing target_epsilon (or noise_multiplier): the run's privacy level")
+    accountant = p.get("accountant", "str", "pld", check=_one_of(("pld", "rdp")))
+    secure_mode = p.get("secure_mode", "bool", False)
+    allow_weak_delta = p.get("allow_weak_delta", "bool", False)
+    if (target is None) == (sigma is None) or delta is None:
+        return None  # already reported
     return PrivacyConfig(
         delta=delta,
         target_epsilon=target,
         noise_multiplier=sigma,
-        accountant=p.get("accountant", "str", "pld", check=_one_of(("pld", "rdp"))),
-        secure_mode=p.get("secure_mode", "bool", False),
-        allow_weak_delta=p.get("allow_weak_delta", "bool", False),
+        accountant=accountant,
+        secure_mode=secure_mode,
+        allow_weak_delta=allow_weak_delta,
     )
 
 

@@ -166,6 +166,9 @@ def test_the_example_config_trains_charges_its_ledger_and_writes_the_run_directo
         assert (out / name).is_file(), name
     assert f"report: {out / 'report.html'}" in captured.out
     assert re.search(r"digits-eps3: step \d+/20 +epoch \d+/10 +loss [\d.]+ +acc [\d.]+% +ε [\d.]+/3", captured.out)
+    # progress: the time left while it runs, and how much of the ledger's budget this run leaves
+    assert re.search(r"digits-eps3: step \d+/20 .* ETA \d+s", captured.out)
+    assert re.search(r"budget total with it ε [\d.]+ of 10: ε [\d.]+ left after this run", captured.out)
     run = json.loads((out / "run.json").read_text())
     privacy = run["privacy"]
     assert run["status"] == "completed"

@@ -1,8 +1,9 @@
 """Terminal output with rich: a live progress bar while a run trains, and summary tables.
 
 On a terminal, :class:`RichDisplay` shows one progress bar per run (steps done, epoch, held-out loss and accuracy,
-epsilon spent against the target) that updates every step and epoch. When the output is not a terminal (a pipe, a
-CI log) it prints one plain line per ~tenth of the run instead, so logs stay short.
+epsilon spent against the target, time elapsed and remaining) that updates every step and epoch; with a ledger it
+first says how much of the budget is left after this run's reservation. When the output is not a terminal (a pipe, a
+CI log) it prints one plain line per ~tenth of the run instead (with the estimated time left), so logs stay short.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 
@@ -31,6 +32,11 @@ def _eps(value: float | None) -> str:
     if value is None:
         return "∞"
     return f"{value:.2f}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 class RichDisplay:
@@ -66,14 +72,15 @@ class RichDisplay:
         if ledger:
             self.console.print(
                 f"  ledger {ledger['path']}: budget '{ledger['budget']}' reserved for this run (entry "
-                f"{ledger['entry_id']}); budget total now ε {ledger['spent_epsilon']:.3f} of "
-                f"{ledger['cap_epsilon']:g}",
+                f"{ledger['entry_id']}); budget total with it ε {ledger['spent_epsilon']:.3f} of "
+                f"{ledger['cap_epsilon']:g}: ε {ledger['remaining_epsilon']:.3f} left after this run",
                 soft_wrap=not self.live, markup=False,
             )
         if self.live:
             self.progress = Progress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), console=self.console,
+                TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                console=self.console,
             )
             self.progress.start()
             self.task = self.progress.add_task(escape(name), total=total_steps, stats="")
@@ -98,7 +105,10 @@ class RichDisplay:
         every = max(1, math.ceil(self.epochs / 10))
         if record["epoch"] >= self.epochs or record["epoch"] - self.last_printed >= every:
             self.last_printed = record["epoch"]
-            self.console.print(f"  {self.name}: step {record['step']}/{self.total}  {stats}", markup=False)
+            line = f"  {self.name}: step {record['step']}/{self.total}  {stats}"
+            if record["step"] < self.total and record.get("seconds") and record["step"]:
+                line += f"  ETA {_duration(record['seconds'] / record['step'] * (self.total - record['step']))}"
+            self.console.print(line, markup=False)
             getattr(self.console.file, "flush", lambda: None)()
 
     def message(self, text: str) -> None:

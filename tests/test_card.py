@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -130,3 +132,43 @@ def test_attack_bound_of_the_statement():
     assert max_attack_tpr(1.0, 1e-5, 0.01) == pytest.approx(math.e * 0.01 + 1e-5)
     assert max_attack_tpr(8.0, 1e-5, 0.01) == pytest.approx(1 - math.exp(-8) * (1 - 1e-5 - 0.01))  # the second side
     assert max_attack_tpr(math.inf, 1e-5, 0.01) == 1.0
+
+
+def test_card_records_owner_purpose_declared_ranges_a_keyed_fingerprint_and_the_budget_then_and_now(tmp_path):
+    """For a compliance reviewer: who and why ([card]), the data's declared ranges and a fingerprint of the
+    training data keyed with a secret of the private run.json (a plain hash would let anyone who knows all records
+    but one test guesses of the last), the ledger's absolute location and the budget's total then and now."""
+    import hashlib
+
+    from dptrain.app import CardConfig, load_dataset
+    from dptrain.app.data import fingerprint
+    from dptrain.budget import BudgetLedger
+    from dptrain.report import write_report
+
+    ledger_path = tmp_path / "l.db"
+    config = RunConfig(
+        name="carded", dataset=DatasetConfig(), model=ModelConfig(hidden=(8,)),
+        training=TrainingConfig(epochs=1, batch_size=700), privacy=PrivacyConfig(delta=1e-5, noise_multiplier=2.0),
+        ledger=LedgerConfig(str(ledger_path), "digits", cap=20.0),
+        card=CardConfig(owner="Data Protection Office, St Elsewhere", purpose="triage model, ward 7"),
+    )  # fmt: skip
+    run_dir = tmp_path / "run"
+    result = run_training(config, output_dir=run_dir, handle_signals=False)
+    card = json.loads((run_dir / "privacy_card.json").read_text())
+    validate_card(card)
+    assert card["responsibility"] == {"owner": "Data Protection Office, St Elsewhere", "purpose": "triage model, ward 7"}
+    assert card["dataset"]["declared_ranges"] == {"every pixel": [0.0, 16.0]}
+    key = bytes.fromhex(result.summary["dataset"]["fingerprint_key"])
+    train = load_dataset(config.dataset).train
+    assert card["dataset"]["fingerprint"] == fingerprint(train, key)  # the owner, with the key, can check it
+    unkeyed = hashlib.sha256(b"".join(t.numpy().tobytes() for t in train.tensors)).hexdigest()
+    assert unkeyed not in json.dumps(card) and "fingerprint_key" not in json.dumps(card)  # the key stays private
+    ledger = card["ledger"]
+    assert Path(ledger["path"]).is_absolute() and Path(ledger["path"]) == ledger_path.resolve()
+    assert ledger["budget_spent_epsilon_now"] == pytest.approx(ledger["budget_spent_epsilon"])
+    BudgetLedger(ledger_path).spend("digits", 0.5, 1.0, 10, note="a later run")
+    write_report(run_dir)  # the card rebuilt later: the budget's total now includes the later spend
+    later = json.loads((run_dir / "privacy_card.json").read_text())
+    assert later["ledger"]["budget_spent_epsilon_now"] > later["ledger"]["budget_spent_epsilon"]
+    markdown = (run_dir / "privacy_card.md").read_text()
+    assert "| owner | Data Protection Office, St Elsewhere |" in markdown and "every pixel [0, 16]" in markdown

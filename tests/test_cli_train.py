@@ -75,7 +75,7 @@ def test_valid_config_parses_with_defaults():
         # unknown keys name the allowed ones and suggest the closest
         (("[training]", "[training]\nepoch = 3"),
          "[training] unknown key 'epoch' (did you mean 'epochs'?); allowed keys: batch_size, epochs, lr,"),
-        (("name = \"t\"", "name = \"t\"\ncolour = 1"), "top level: unknown key 'colour'; allowed keys: audit, dataset"),
+        (("name = \"t\"", "name = \"t\"\ncolour = 1"), "top level: unknown key 'colour'; allowed keys: audit, card, dataset"),
         (("name = \"t\"", "name = \"t\"\ntarget_epsilon = 1"),
          "top level: unknown key 'target_epsilon' (did you mean 'target_epsilon' in [privacy]?)"),
         (("[privacy]", "[optimiser]\nlr = 1\n[privacy]"),

@@ -95,6 +95,9 @@ def test_report_is_self_contained_and_shows_settings_and_cards(suite):
     assert f"{dp['privacy']['epsilon']:.4f} at δ = 1e-05" in page and "3 (noise std = σ × clipping norm)" in page
     assert "Poisson sampling rate q = 0.3333, expected batch 479" in page
     assert 'href="dp/privacy_card.md"' in page and "Privacy budget ledger" in page
+    # the summary's cumulative column: the budget's total after the run (every run charged to it so far)
+    assert "<th>budget ε (cumulative)</th>" in page
+    assert f"<td>{dp['ledger']['spent_epsilon']:.2f} of 10 (digits)</td>" in page
     # each run directory has its own report too
     own = (suite / "dp" / "report.html").read_text()
     assert own.count("data:image/png;base64,") == 3 and "dptrain run report: eps-test" in own

@@ -8,6 +8,7 @@ protocol, Ctrl-C), ``train`` (a run from config to run directory), ``demo`` (the
 
 from dptrain.app.config import (
     AuditConfig,
+    CardConfig,
     ConfigError,
     DatasetConfig,
     LedgerConfig,
@@ -25,7 +26,7 @@ from dptrain.app.stopping import BUDGET_EXHAUSTED, COMPLETED, INTERRUPTED, RunDi
 from dptrain.app.train import RunResult, run_training, write_suite
 
 __all__ = [
-    "AuditConfig", "BUDGET_EXHAUSTED", "COMPLETED", "ConfigError", "DatasetConfig", "INTERRUPTED", "LedgerConfig",
+    "AuditConfig", "BUDGET_EXHAUSTED", "CardConfig", "COMPLETED", "ConfigError", "DatasetConfig", "INTERRUPTED", "LedgerConfig",
     "LoadedData", "ModelConfig", "PrivacyConfig", "RunConfig", "RunDisplay", "RunResult", "StopRequest",
     "TrainingConfig", "build_model", "describe_model", "evaluate", "load_config", "load_dataset", "parse_config",
     "parse_override", "run_training", "stop_on_signals", "write_suite",

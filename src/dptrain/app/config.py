@@ -154,6 +154,15 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class CardConfig:
+    """Who answers for the run and why it was trained: the privacy card's ``owner`` and ``purpose`` (GDPR Art. 30
+    records of processing ask for both)."""
+
+    owner: str | None = None
+    purpose: str | None = None
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """One training run. ``privacy=None`` trains without DP (the demo's non-private reference; not available
     from a TOML file)."""
@@ -164,6 +173,7 @@ class RunConfig:
     training: TrainingConfig = TrainingConfig()
     ledger: LedgerConfig | None = None
     audit: AuditConfig = AuditConfig()
+    card: CardConfig = CardConfig()
     name: str = "run"
     output_dir: str | None = None
     seed: int = 0
@@ -264,7 +274,7 @@ def _one_of(choices: tuple[str, ...]) -> Callable[[str], str | None]:
     return lambda value: None if value in choices else f"must be one of {', '.join(map(repr, choices))}"
 
 
-_TOP = ("name", "output_dir", "seed", "dataset", "model", "training", "privacy", "ledger", "audit")
+_TOP = ("name", "output_dir", "seed", "dataset", "model", "training", "privacy", "ledger", "audit", "card")
 _DATASET = (
     "name", "path", "label_column", "classes", "features", "feature_ranges", "feature_range", "test_fraction",
     "split_seed", "scale_to",
@@ -274,8 +284,9 @@ _TRAINING = ("epochs", "batch_size", "max_grad_norm", "optimizer", "lr", "moment
 _PRIVACY = ("target_epsilon", "noise_multiplier", "delta", "accountant", "secure_mode", "allow_weak_delta")
 _LEDGER = ("path", "budget", "cap")
 _AUDIT = ("membership",)
+_CARD = ("owner", "purpose")
 _SECTION_KEYS = {"dataset": _DATASET, "model": _MODEL, "training": _TRAINING, "privacy": _PRIVACY, "ledger": _LEDGER,
-                 "audit": _AUDIT}
+                 "audit": _AUDIT, "card": _CARD}
 
 
 def parse_config(data: Mapping[str, Any], source: str = "config", default_name: str = "run") -> RunConfig:
@@ -330,11 +341,13 @@ def parse_config(data: Mapping[str, Any], source: str = "config", default_name: 
 
     a = _Section(top.data.get("audit", {}), "audit", _AUDIT, errors)
     audit = AuditConfig(membership=a.get("membership", "bool", False))
+    c = _Section(top.data.get("card", {}), "card", _CARD, errors)
+    card = CardConfig(owner=c.get("owner", "str"), purpose=c.get("purpose", "str"))
 
     if errors:
         raise ConfigError(errors, source)
     return RunConfig(
-        dataset=dataset, privacy=privacy, model=model, training=training, ledger=ledger, audit=audit,
+        dataset=dataset, privacy=privacy, model=model, training=training, ledger=ledger, audit=audit, card=card,
         name=name, output_dir=output_dir, seed=seed,
     )
 

@@ -39,6 +39,7 @@ def load_dataset(config: DatasetConfig) -> LoadedData:
             "scikit-learn",
             "preprocessing": f"pixels divided by their known maximum {DIGITS_PIXEL_MAX:g}",
             "num_classes": 10,
+            "declared_ranges": {"every pixel": [0.0, DIGITS_PIXEL_MAX]},
         }
     else:
         train, test, info = _load_csv(config)
@@ -54,6 +55,21 @@ def load_dataset(config: DatasetConfig) -> LoadedData:
         num_features=int(train.tensors[0].shape[1]), test_fraction=config.test_fraction, split_seed=config.split_seed,
     )
     return LoadedData(train, test, info)
+
+
+def fingerprint(dataset: "TensorDataset", key: bytes) -> str:
+    """HMAC-SHA256 of a dataset's tensors as loaded (features, then labels) under ``key``.
+
+    The privacy card records this fingerprint of the training data (GDPR Art. 30: which data a model was trained
+    on). A plain hash would let anyone who knows every record but one test guesses of the last against the card;
+    keyed with a random secret kept in the private ``run.json``, only the data's owner can recompute it."""
+    import hmac
+
+    digest = hmac.new(key, digestmod="sha256")
+    for tensor in dataset.tensors:
+        digest.update(str((tuple(tensor.shape), str(tensor.dtype))).encode())
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return "hmac-sha256:" + digest.hexdigest()
 
 
 def _load_csv(config: DatasetConfig) -> tuple["TensorDataset", "TensorDataset", dict[str, Any]]:
@@ -149,5 +165,6 @@ def _load_csv(config: DatasetConfig) -> tuple["TensorDataset", "TensorDataset", 
         "source": f"CSV file {config.path}, label column {config.label_column!r}",
         "preprocessing": "each feature scaled to [0, 1] by its declared range and clipped to it",
         "num_classes": len(config.classes),
+        "declared_ranges": {f: [float(lo), float(hi)] for f, lo, hi in zip(features, low, high)},
     }
     return subset(train_idx), subset(test_idx), info

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from dptrain.app.config import ConfigError, LedgerConfig, RunConfig
-from dptrain.app.data import LoadedData, load_dataset
+from dptrain.app.data import LoadedData, fingerprint, load_dataset
 from dptrain.app.models import build_model, describe_model, evaluate
 from dptrain.app.stopping import BUDGET_EXHAUSTED, COMPLETED, INTERRUPTED, RunDisplay, StopRequest, _NoDisplay, stop_on_signals
 from dptrain.rundir import (
@@ -157,7 +157,7 @@ def _ledger_info(ledger: Any, budget_name: str, entry_id: int | None) -> dict[st
     entries = ledger.history(budget_name)
     entry = next((e for e in entries if e.id == entry_id), None)
     return {
-        "path": str(ledger.path),
+        "path": str(Path(ledger.path).resolve()),  # absolute: the card is read from anywhere
         "budget": budget_name,
         "cap_epsilon": summary.budget.epsilon,
         "delta": summary.budget.delta,
@@ -381,7 +381,8 @@ def _finish(config: RunConfig, data: LoadedData, model: Any, optimizer: Any, eng
         "finished_at": now(),
         "seconds": round(time.perf_counter() - clock, 2),
         "config": config.to_dict(),
-        "dataset": info,
+        # The key stays in run.json (private, like the seed); the card shows only the keyed fingerprint.
+        "dataset": dict(info, fingerprint=fingerprint(data.train, key := os.urandom(32)), fingerprint_key=key.hex()),
         "model": {
             "architecture": describe_model(info["num_features"], info["num_classes"], config.model),
             "parameters": sum(p.numel() for p in model.parameters()),

@@ -75,6 +75,7 @@ CONFIG_HELP = """config (TOML; unknown keys, wrong types and missing sections ar
               allow_weak_delta = false (delta >= 1/N is refused without it)
   [ledger]    path, budget (optional section); cap = E creates the budget if missing
   [audit]     membership = false (true: the loss-threshold attack, outside the guarantee, for reviewers)
+  [card]      owner, purpose (optional; shown on the privacy card)
 
 writes OUTPUT_DIR/run.json, metrics.jsonl, model.pt, checkpoint.pt, report.html, privacy_card.json,
 privacy_card.md. Share model.pt (the weights) and the card; checkpoint.pt and run.json can regenerate the noise.

@@ -171,6 +171,19 @@ def _audit_section(audit: dict[str, Any] | None) -> dict[str, Any] | None:
     }
 
 
+def _budget_now(ledger: dict[str, Any]) -> dict[str, Any]:
+    """The budget's composed spend as the ledger holds it when the card is written (later runs included), or None
+    with the reason when the ledger cannot be read from here."""
+    from dptrain.budget import BudgetError, BudgetLedger
+
+    try:
+        spent, note = BudgetLedger(ledger["path"], create=False).spent(ledger["budget"]), None
+    except BudgetError as e:
+        spent, note = None, str(e)
+    return {"budget_spent_epsilon_now": spent, "budget_checked_at": datetime.now(timezone.utc).isoformat(
+        timespec="seconds"), "budget_unreadable": note}
+
+
 def build_card(run: dict[str, Any], run_dir: str | None = None) -> dict[str, Any]:
     """The privacy card of a run, from its ``run.json`` content."""
     privacy, dataset, model = run["privacy"], run["dataset"], run["model"]
@@ -197,6 +210,12 @@ def build_card(run: dict[str, Any], run_dir: str | None = None) -> dict[str, Any
             "num_features": dataset["num_features"],
             "num_classes": dataset["num_classes"],
             "preprocessing": dataset["preprocessing"],
+            "declared_ranges": dataset.get("declared_ranges"),
+            "fingerprint": dataset.get("fingerprint"),
+        },
+        "responsibility": {
+            "owner": (run["config"].get("card") or {}).get("owner"),
+            "purpose": (run["config"].get("card") or {}).get("purpose"),
         },
         "privacy_unit": {
             "unit": privacy["privacy_unit"],
@@ -245,12 +264,19 @@ def build_card(run: dict[str, Any], run_dir: str | None = None) -> dict[str, Any
             "entry_id": ledger["entry_id"],
             "entry_status": ledger["entry_status"],
             "budget_spent_epsilon": ledger["spent_epsilon"],
+            **_budget_now(ledger),
             "entries": ledger["entries"],
         },
         "software": {k: v for k, v in run["software"].items()},
         "statement": _statement(run),
         "limitations": _limitations(run),
     }
+
+
+def _ranges(ranges: dict[str, list[float]] | None) -> str | None:
+    if not ranges:
+        return None
+    return ", ".join(f"{name} [{low:g}, {high:g}]" for name, (low, high) in ranges.items())
 
 
 def _cell(value: Any) -> str:
@@ -279,7 +305,11 @@ def card_markdown(card: dict[str, Any]) -> str:
                   ("training examples (protected)", d["num_train"]), ("held-out examples", d["num_test"]),
                   ("features", d["num_features"]), ("classes", d["num_classes"]),
                   ("preprocessing", d["preprocessing"]),
+                  ("declared feature ranges", _ranges(d["declared_ranges"])),
+                  ("fingerprint (keyed: the key is in the run's private run.json)", d["fingerprint"]),
                   ("privacy unit", card["privacy_unit"]["description"])]),
+        ("Responsibility", [("owner", card["responsibility"]["owner"] or "not given ([card] owner)"),
+                            ("purpose", card["responsibility"]["purpose"] or "not given ([card] purpose)")]),
         ("Guarantee", [("differentially private", g["differentially_private"]), ("epsilon", g["epsilon"]),
                        ("delta", g["delta"]), ("weak delta (>= 1/N)", g["weak_delta"]),
                        ("target epsilon", g["target_epsilon"]),

@@ -82,6 +82,13 @@ def _verdict(run: dict[str, Any]) -> str:
     return '<span class="ok">ok</span>'
 
 
+def _cumulative(ledger: dict[str, Any] | None) -> str:
+    """The budget's composed spend after the run, of its cap: every run charged to it so far, not just this one."""
+    if not ledger:
+        return "-"
+    return f"{ledger['spent_epsilon']:.2f} of {ledger['cap_epsilon']:g} ({escape(ledger['budget'])})"
+
+
 def summary_rows(runs: list[dict[str, Any]]) -> list[list[str]]:
     rows = []
     for run in runs:
@@ -93,6 +100,7 @@ def summary_rows(runs: list[dict[str, Any]]) -> list[list[str]]:
             _num(p["epsilon"], ".2f") if dp else "∞",
             _num(p["target_epsilon"], "g"),
             _num(p["delta"], "g"),
+            _cumulative(run.get("ledger")),
             f"{p['steps']}/{p['planned_steps']}",
             _pct(run["results"]["test_accuracy"]),
             _num(a.get("auc")),
@@ -104,8 +112,8 @@ def summary_rows(runs: list[dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
-SUMMARY_HEADER = ["run", "DP", "ε", "target ε", "δ", "steps", "held-out accuracy", "MIA AUC", "MIA TPR @ 1% FPR",
-                  "MIA ε lower bound", "verdict", "status"]
+SUMMARY_HEADER = ["run", "DP", "ε", "target ε", "δ", "budget ε (cumulative)", "steps", "held-out accuracy", "MIA AUC",
+                  "MIA TPR @ 1% FPR", "MIA ε lower bound", "verdict", "status"]
 
 
 def _settings(run: dict[str, Any]) -> list[list[str]]:
@@ -184,7 +192,9 @@ def render(title: str, runs: list[dict[str, Any]], cards: list[dict[str, Any]], 
     parts += [
         "<h2>Summary</h2>",
         _table(SUMMARY_HEADER, summary_rows(runs), "summary"),
-        '<p class="caption">ε: privacy loss at δ for the training steps taken (smaller is more private). Accuracy '
+        '<p class="caption">ε: privacy loss at δ for the training steps taken (smaller is more private); budget '
+        "ε: everything charged to the run's ledger budget up to that run, composed (the runs of one budget add up "
+        "there, not in the ε column). Accuracy "
         "is measured on held-out examples. MIA: loss-threshold membership-inference attack, training vs held-out "
         "examples; its ε lower bound is what the attack proves at 95% confidence and must stay below the model's "
         "guarantee (for a fixed train/held-out split that is the replace-one guarantee, 2ε).</p>",

@@ -119,6 +119,44 @@ def test_the_checks_see_imports_inside_functions_an_upward_import_and_a_cycle():
     assert import_cycles(cycle) == ["dptrain.app.demo -> dptrain.cli -> dptrain.app.demo"]
 
 
+def uncommented_function_imports(path: Path) -> list[int]:
+    """Lines of imports inside functions with no comment saying why: on the import block itself or on the line
+    just above it (a block is a run of import statements, blank lines between them allowed)."""
+    lines = path.read_text().splitlines()
+    statements = sorted(
+        {(node.lineno, node.end_lineno) for fn in ast.walk(ast.parse("\n".join(lines)))
+         if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+         for node in ast.walk(fn) if isinstance(node, (ast.Import, ast.ImportFrom))}
+    )  # fmt: skip
+    blocks: list[list[tuple[int, int]]] = []
+    for first, last in statements:
+        between = lines[blocks[-1][-1][1] : first - 1] if blocks else ["x"]
+        if blocks and all(not line.strip() for line in between):
+            blocks[-1].append((first, last))
+        else:
+            blocks.append([(first, last)])
+    bad = []
+    for block in blocks:
+        text = lines[block[0][0] - 2 : block[-1][1]]
+        if not any("#" in line for line in text):
+            bad.append(block[0][0])
+    return bad
+
+
+def test_the_comment_check_sees_an_uncommented_import_inside_a_function(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("import os\n\n\ndef f():\n    import json\n\n    return json\n\n\n"
+                      "def g():\n    # heavy: only when called\n    import torch\n\n    import numpy\n")
+    assert uncommented_function_imports(module) == [5]
+
+
+def test_imports_inside_functions_say_why():
+    """Imports go at the top; one inside a function (a heavy or optional dependency kept off a fast path, such as
+    torch for ``dptrain --help``) carries a comment saying so."""
+    bad = {module: lines for module, path in MODULES.items() if (lines := uncommented_function_imports(path))}
+    assert not bad, bad
+
+
 def test_product_layer_modules_stay_small():
     large = {
         module: n

@@ -6,21 +6,16 @@ scaled by their known range (0..16), never by statistics of the data, so preproc
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from torch.utils.data import TensorDataset
+import torch
+from torch.utils.data import TensorDataset
 
 DIGITS_PIXEL_MAX = 16.0
 DIGITS_FEATURES, DIGITS_CLASSES = 64, 10
 
 
-def load_digits_split(seed: int = 0, test_fraction: float = 0.2) -> tuple["TensorDataset", "TensorDataset"]:
+def load_digits_split(seed: int = 0, test_fraction: float = 0.2) -> tuple[TensorDataset, TensorDataset]:
     """Stratified split of the 1797 digits (80/20 by default), pixels scaled to [0, 1] by the known range."""
-    import torch
-    from torch.utils.data import TensorDataset
-
-    try:
+    try:  # scikit-learn takes about a second to import: only the digits need it
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
     except ImportError as e:

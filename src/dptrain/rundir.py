@@ -15,6 +15,7 @@ import os
 import platform
 from collections.abc import Callable
 from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +53,6 @@ def now() -> str:
 
 def software_versions() -> dict[str, str]:
     """Python, the platform and the installed versions of the libraries a run depends on."""
-    from importlib import metadata
-
     versions = {"python": platform.python_version(), "platform": platform.platform()}
     for dist in ("dptrain", "torch", "dp-accounting", "numpy", "scipy", "scikit-learn"):
         try:

@@ -4,16 +4,19 @@ statistics of the private data), split into training and held-out examples."""
 from __future__ import annotations
 
 import csv
+import hmac
 import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
 
 from dptrain.app.config import ConfigError, DatasetConfig
-
-if TYPE_CHECKING:  # torch is imported when data is loaded
-    from torch.utils.data import TensorDataset
+from dptrain.datasets import DIGITS_PIXEL_MAX, load_digits_split
 
 
 class DataRangeWarning(UserWarning):
@@ -22,16 +25,14 @@ class DataRangeWarning(UserWarning):
 
 @dataclass
 class LoadedData:
-    train: "TensorDataset"
-    test: "TensorDataset"
+    train: TensorDataset
+    test: TensorDataset
     info: dict[str, Any]
 
 
 def load_dataset(config: DatasetConfig) -> LoadedData:
     """The train and held-out splits of ``config``'s dataset with a description for the report and card."""
     if config.name == "digits":
-        from dptrain.datasets import DIGITS_PIXEL_MAX, load_digits_split
-
         train, test = load_digits_split(seed=config.split_seed, test_fraction=config.test_fraction)
         info = {
             "name": "digits",
@@ -57,14 +58,12 @@ def load_dataset(config: DatasetConfig) -> LoadedData:
     return LoadedData(train, test, info)
 
 
-def fingerprint(dataset: "TensorDataset", key: bytes) -> str:
+def fingerprint(dataset: TensorDataset, key: bytes) -> str:
     """HMAC-SHA256 of a dataset's tensors as loaded (features, then labels) under ``key``.
 
     The privacy card records this fingerprint of the training data (GDPR Art. 30: which data a model was trained
     on). A plain hash would let anyone who knows every record but one test guesses of the last against the card;
     keyed with a random secret kept in the private ``run.json``, only the data's owner can recompute it."""
-    import hmac
-
     digest = hmac.new(key, digestmod="sha256")
     for tensor in dataset.tensors:
         digest.update(str((tuple(tensor.shape), str(tensor.dtype))).encode())
@@ -72,11 +71,7 @@ def fingerprint(dataset: "TensorDataset", key: bytes) -> str:
     return "hmac-sha256:" + digest.hexdigest()
 
 
-def _load_csv(config: DatasetConfig) -> tuple["TensorDataset", "TensorDataset", dict[str, Any]]:
-    import numpy as np
-    import torch
-    from torch.utils.data import TensorDataset
-
+def _load_csv(config: DatasetConfig) -> tuple[TensorDataset, TensorDataset, dict[str, Any]]:
     source = str(config.path)
     try:
         with open(config.path, newline="", encoding="utf-8") as f:

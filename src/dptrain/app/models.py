@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
 
 from dptrain.app.config import ModelConfig
 
-if TYPE_CHECKING:  # torch is imported when a model is built
-    from torch import nn
-    from torch.utils.data import TensorDataset
 
-
-def build_model(num_features: int, num_classes: int, config: ModelConfig) -> "nn.Module":
-    from torch import nn
-
+def build_model(num_features: int, num_classes: int, config: ModelConfig) -> nn.Module:
     activation = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "elu": nn.ELU, "silu": nn.SiLU}[config.activation]
     layers: list[nn.Module] = []
     width = num_features
@@ -29,11 +25,8 @@ def describe_model(num_features: int, num_classes: int, config: ModelConfig) -> 
     return f"MLP {sizes} ({config.activation})" if config.hidden else f"linear model {num_features}-{num_classes}"
 
 
-def evaluate(model: "nn.Module", dataset: "TensorDataset") -> tuple[float, float]:
+def evaluate(model: nn.Module, dataset: TensorDataset) -> tuple[float, float]:
     """(mean cross-entropy loss, accuracy) of ``model`` on ``dataset``."""
-    import torch
-    from torch import nn
-
     was_training = model.training
     model.eval()
     try:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from dptrain.app.config import DatasetConfig, ModelConfig
 from dptrain.app.data import LoadedData, load_dataset
 from dptrain.app.models import build_model
@@ -23,7 +25,6 @@ from dptrain.rundir import CHECKPOINT_FILE, MODEL_FILE, MODEL_FORMAT, RUN_FILE, 
 @dataclass
 class TrainedModel:
     """The model (in eval mode), its run's data, the epsilon and delta the run claims (inf and None without DP)."""
-
     model: Any
     data: LoadedData
     claimed_epsilon: float
@@ -57,8 +58,6 @@ def _run_record(run_dir: Path) -> dict[str, Any]:
 
 def _weights(path: Path) -> dict[str, Any]:
     """The state dict in ``path``: a ``model.pt`` release or a ``checkpoint.pt``."""
-    import torch
-
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, or one holding more than tensors and plain data

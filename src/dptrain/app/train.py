@@ -37,10 +37,20 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from dptrain.accounting import COARSE_PLD_VALUE_DISCRETIZATION, composed_epsilon
 from dptrain.app.config import ConfigError, LedgerConfig, RunConfig
 from dptrain.app.data import LoadedData, fingerprint, load_dataset
 from dptrain.app.models import build_model, describe_model, evaluate
 from dptrain.app.stopping import BUDGET_EXHAUSTED, COMPLETED, INTERRUPTED, RunDisplay, StopRequest, _NoDisplay, stop_on_signals
+from dptrain.audit.mia import loss_threshold_attack
+from dptrain.budget import BudgetLedger, UnknownBudgetError
+from dptrain.engine import PrivacyEngine
+from dptrain.optim import BudgetExhausted
+from dptrain.report import write_run_report, write_suite_report
 from dptrain.rundir import (
     CHECKPOINT_FILE,
     METRICS_FILE,
@@ -60,7 +70,6 @@ from dptrain.rundir import (
 @dataclass
 class RunResult:
     """The outcome of :func:`run_training`: ``summary`` is the content of ``run.json``."""
-
     status: str
     summary: dict[str, Any]
     run_dir: Path | None
@@ -90,8 +99,6 @@ def _check_output_dir(path: Path) -> None:
 def _open_ledger(config: LedgerConfig, delta: float, create: bool = True) -> Any:
     """The ledger with the budget checked (created if ``cap`` is given and it does not exist). ``create=False``
     checks only: nothing is created (None when the ledger does not exist yet and ``cap`` would create it)."""
-    from dptrain.budget import BudgetLedger, UnknownBudgetError
-
     path = Path(config.path)
     missing = ConfigError(
         [f"[ledger] no budget {config.budget!r} in {path}: create it (dptrain budget create {config.budget} "
@@ -151,8 +158,6 @@ def check_run(config: RunConfig) -> LoadedData:
 
 
 def _ledger_info(ledger: Any, budget_name: str, entry_id: int | None) -> dict[str, Any]:
-    from dptrain.accounting import COARSE_PLD_VALUE_DISCRETIZATION, composed_epsilon
-
     summary = ledger.summary(budget_name)
     entries = ledger.history(budget_name)
     entry = next((e for e in entries if e.id == entry_id), None)
@@ -204,10 +209,6 @@ def run_training(
 
 def _run_training(config: RunConfig, output_dir: str | os.PathLike[str] | None, display: RunDisplay | None,
                   stop: StopRequest | None, handle_signals: bool, write_files: bool) -> RunResult:
-    import torch
-    from torch import nn
-    from torch.utils.data import DataLoader
-
     display = display or _NoDisplay()
     stop = stop if stop is not None else StopRequest()
     run_dir: Path | None = None
@@ -240,8 +241,6 @@ def _run_training(config: RunConfig, output_dir: str | os.PathLike[str] | None, 
         loader = DataLoader(data.train, batch_size=tc.batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(config.seed))
     else:
-        from dptrain.engine import PrivacyEngine
-
         if config.ledger is not None:
             ledger = _open_ledger(config.ledger, pc.delta)
         engine = PrivacyEngine(
@@ -280,12 +279,9 @@ def _run_training(config: RunConfig, output_dir: str | os.PathLike[str] | None, 
             return 0.0
         if engine.accountant.kind == "rdp":
             return engine.accountant.get_epsilon(pc.delta)
-        from dptrain.accounting import COARSE_PLD_VALUE_DISCRETIZATION, composed_epsilon
 
         # Coarse PLD (pessimistic: never below the exact value) keeps per-epoch accounting to milliseconds.
         return composed_epsilon(engine.accountant.history, pc.delta, COARSE_PLD_VALUE_DISCRETIZATION)
-
-    from dptrain.optim import BudgetExhausted
 
     display.start(config.name, planned_steps, {"privacy": privacy, "dataset": info, "ledger": ledger_before})
     try:
@@ -342,8 +338,6 @@ def _finish(config: RunConfig, data: LoadedData, model: Any, optimizer: Any, eng
             entry_id: int | None, privacy: dict[str, Any], history: list[dict[str, Any]], status: str, steps: int,
             steps_per_epoch: int, started: str, clock: float, run_dir: Path | None) -> dict[str, Any]:
     """Evaluate, checkpoint, audit and write ``run.json`` and the reports; returns the run summary."""
-    import torch
-
     pc, tc, info = config.privacy, config.training, data.info
     model.eval()
     test_loss, test_acc = evaluate(model, data.test)
@@ -363,8 +357,6 @@ def _finish(config: RunConfig, data: LoadedData, model: Any, optimizer: Any, eng
             write_atomically(run_dir / name, functools.partial(torch.save, content))
     audit = None
     if config.audit.membership:
-        from dptrain.audit.mia import loss_threshold_attack
-
         result = loss_threshold_attack(
             model, data.train, data.test, claimed_epsilon=epsilon, delta=pc.delta if pc else 1e-5
         )
@@ -400,7 +392,6 @@ def _finish(config: RunConfig, data: LoadedData, model: Any, optimizer: Any, eng
     }
     if run_dir is not None:
         write_json(run_dir / RUN_FILE, summary)
-        from dptrain.report import write_run_report
 
         write_run_report(run_dir)
     return summary
@@ -446,8 +437,6 @@ def _privacy_settings(
 
 def write_suite(directory: str | os.PathLike[str], title: str, runs: list[str], extra: dict[str, Any]) -> Path:
     """Record ``runs`` (sub-directories of ``directory``) as one suite and write its report; returns report path."""
-    from dptrain.report import write_suite_report
-
     directory = Path(directory)
     write_json(directory / SUITE_FILE, {"format": SUITE_FORMAT, "title": title, "runs": runs, "created_at": now(),
                                         **extra})

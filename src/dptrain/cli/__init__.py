@@ -63,6 +63,7 @@ def _delegate(argv: list[str], prog: str, description: str, example: str, add_ar
 
 
 def _run_audit(argv: list[str]) -> int:
+    # the audit's module is torch-free to import; it loads torch when it runs
     from dptrain.cli.audit import add_audit_arguments, run_audit_command
 
     return _delegate(
@@ -86,6 +87,7 @@ def _add_experiment(subparsers: Any) -> None:
 
 
 def _run_experiment(argv: list[str]) -> int:
+    # the experiment's module is torch-free to import; it loads the LM stack when it runs
     from dptrain.cli.experiment import add_experiment_arguments, run_experiment_command
 
     return _delegate(

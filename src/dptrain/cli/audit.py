@@ -131,6 +131,7 @@ LIRA_HEADER = ["run / attack", "claimed eps", "AUC", "TPR@0.1%", "TPR@1%", "eps 
 def _audit_mlp_weights(path: Path) -> dict[str, Any] | None:
     """The state dict in ``path`` if it is one of the audit's own digits MLP 64-128-10 (its ``--load`` format
     before runs wrote model.pt), else None."""
+    # torch and the audits load when the command runs, never for --help (here and below)
     import torch
 
     from dptrain.audit.digits import digits_mlp
@@ -148,6 +149,7 @@ def _audit_mlp_weights(path: Path) -> dict[str, Any] | None:
 def _audit_loaded(args: argparse.Namespace, config: dict[str, Any], out: TextIO) -> int:
     """The train/held-out membership attack on a saved model: a run directory of dptrain train or the demo (its
     model.pt or checkpoint.pt; the run's own split and claimed epsilon), or a state dict of the audit's MLP."""
+    # the app layer, torch and the audits: loaded to run
     from dptrain.app.saved import load_trained
     from dptrain.audit.digits import digits_mlp
     from dptrain.audit.mia import loss_threshold_attack
@@ -186,7 +188,7 @@ def _audit_loaded(args: argparse.Namespace, config: dict[str, Any], out: TextIO)
 
 def run_audit_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Run ``dptrain audit`` with parsed ``args``; print a table (or one JSON object with ``--json``) to ``out``."""
-    import torch
+    import torch  # loaded to run, not for --help
 
     out = out or sys.stdout
     config = _resolve(args)
@@ -201,6 +203,7 @@ def run_audit_command(args: argparse.Namespace, out: TextIO | None = None) -> in
 
 
 def _audit_demo(args: argparse.Namespace, config: dict[str, Any], out: TextIO) -> int:
+    # the audits and torch: loaded to run
     from dptrain.audit.digits import digits_audit_data, make_digits_train_fn
     from dptrain.audit.gradient_canaries import GradientCanaries
     from dptrain.audit.mia import run_lira

@@ -62,7 +62,7 @@ def set_threads(threads: int | None) -> None:
     if threads is not None:
         if threads < 1:
             raise ValueError(f"--threads must be >= 1, got {threads}")
-        import torch
+        import torch  # only for a command that trains, when it runs
 
         torch.set_num_threads(threads)
 

@@ -48,7 +48,7 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from dptrain.lm.memorization import QUICK, MemorizationConfig
+    from dptrain.lm.memorization import QUICK, MemorizationConfig  # torch and the LM stack: loaded to run
 
     config = QUICK if args.quick else MemorizationConfig()
     overrides: dict[str, Any] = {}
@@ -126,9 +126,9 @@ def format_report(result: dict[str, Any]) -> str:
 def run_experiment_command(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Run ``dptrain experiment <name>`` with parsed ``args``; print a report (or one JSON object with ``--json``)
     to ``out`` and progress to ``err`` (stderr) unless ``--json``. Raises ValueError for invalid options."""
-    import torch
+    import torch  # loaded to run, not for --help
 
-    from dptrain.lm.memorization import run_memorization_experiment
+    from dptrain.lm.memorization import run_memorization_experiment  # the LM stack: loaded to run
 
     out = out or sys.stdout
     err = err or sys.stderr

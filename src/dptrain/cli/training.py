@@ -43,7 +43,7 @@ def add_demo(subparsers: Any) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from dptrain.app.demo import DEMO_DELTA, run_demo
+    from dptrain.app.demo import DEMO_DELTA, run_demo  # the app layer and torch: loaded to run, not for --help
 
     set_threads(args.threads)
     result = run_demo(
@@ -105,7 +105,7 @@ def add_train(subparsers: Any) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from dptrain.app import load_config
+    from dptrain.app import load_config  # the app layer and torch: loaded to run, not for --help
 
     config = load_config(args.config, args.overrides)
     if args.check:  # the data and the ledger too, as the run would check them, without training or writing
@@ -120,8 +120,8 @@ def _run_train(args: argparse.Namespace) -> int:
                   + ")")
         return EXIT_OK
     set_threads(args.threads)
-    from dptrain.report.console import RichDisplay, make_console, print_run_table
-    from dptrain.app import run_training
+    from dptrain.app import run_training  # (loaded above)
+    from dptrain.report.console import RichDisplay, make_console, print_run_table  # rich: loaded to run
 
     console = make_console(sys.stderr if args.json else None)
     result = run_training(config, output_dir=args.output_dir, display=RichDisplay(console))
@@ -158,7 +158,7 @@ def add_report(subparsers: Any) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from dptrain.report import write_report
+    from dptrain.report import write_report  # matplotlib: loaded to run, not for --help
 
     written = write_report(args.run_dir)
     paths = {"report": str(written["report"])}

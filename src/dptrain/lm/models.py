@@ -50,7 +50,7 @@ def tiny_gpt2(
     ``dropout`` sets the residual, embedding and attention dropout (0 by default: deterministic training).
     ``seed`` seeds the weight initialisation without touching torch's global generator.
     """
-    from transformers import GPT2Config
+    from transformers import GPT2Config  # optional: the [lm] extra
 
     config = GPT2Config(
         vocab_size=vocab_size,
@@ -71,7 +71,7 @@ def tiny_gpt2(
 
 def build_causal_lm(config: Any, *, seed: int | None = None):
     """A causal LM with random weights from a ``transformers`` config (``AutoModelForCausalLM.from_config``)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # optional: the [lm] extra
 
     if seed is None:
         return AutoModelForCausalLM.from_config(config)
@@ -85,7 +85,7 @@ def load_causal_lm(path: str | os.PathLike[str], **kwargs: Any):
 
     Extra keyword arguments go to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``dtype``).
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # optional: the [lm] extra
 
     directory = Path(path)
     if not directory.is_dir():
@@ -127,7 +127,7 @@ def add_lora(
     ``[p for p in model.parameters() if p.requires_grad]`` (the adapters) and make it private.
     """
     try:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model  # optional: the [lm] extra
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("add_lora needs the 'peft' package: pip install 'peft>=0.13,<1'") from err
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from dptrain.engine import PrivacyEngine
 from dptrain.lm.data import trim_padding
 from dptrain.lm.loss import causal_lm_loss
 from dptrain.lm.models import trainable_parameters
@@ -35,7 +36,6 @@ class PrivacySettings:
     ``secure_mode`` draws sampling and noise from the OS's cryptographic generator; otherwise they come from a
     generator seeded with the run's ``seed`` (reproducible experiments, not for production releases).
     """
-
     target_epsilon: float
     delta: float
     max_grad_norm: float = 1.0
@@ -52,7 +52,6 @@ class PrivacySettings:
 @dataclass
 class TrainingResult:
     """What a training run did: steps, seconds, its claimed epsilon (inf without DP) and the DP settings used."""
-
     steps: int
     seconds: float
     epsilon: float = math.inf
@@ -120,8 +119,6 @@ def train_causal_lm(
     if privacy is None:
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
     else:
-        from dptrain.engine import PrivacyEngine
-
         if privacy.privacy_unit == "user" and user_ids is None:
             raise ValueError('privacy_unit="user" needs user_ids: the user of each example of the dataset')
         if not privacy.expected_units > 0:

@@ -19,6 +19,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from dptrain.report import html
+from dptrain.report.card import build_card, card_markdown
 from dptrain.rundir import CARD_JSON, CARD_MD, REPORT_FILE, RUN_FILE, RUN_FORMAT, SUITE_FILE, SUITE_FORMAT, write_json, write_text
 
 
@@ -45,9 +47,6 @@ def load_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
 def write_run_report(run_dir: str | os.PathLike[str]) -> dict[str, Path]:
     """Write ``report.html``, ``privacy_card.json`` and ``privacy_card.md`` of one run; returns their paths."""
-    from dptrain.report import html
-    from dptrain.report.card import build_card, card_markdown
-
     run_dir = Path(run_dir)
     run = load_run(run_dir)
     card = build_card(run, str(run_dir))
@@ -63,9 +62,6 @@ def write_run_report(run_dir: str | os.PathLike[str]) -> dict[str, Path]:
 
 def write_suite_report(directory: str | os.PathLike[str]) -> Path:
     """Write ``DIRECTORY/report.html`` over the runs listed in ``DIRECTORY/suite.json``; returns its path."""
-    from dptrain.report import html
-    from dptrain.report.card import build_card
-
     directory = Path(directory)
     suite = _read_json(directory / SUITE_FILE)
     if suite.get("format") != SUITE_FORMAT:

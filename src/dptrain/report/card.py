@@ -16,6 +16,9 @@ from datetime import datetime, timezone
 from importlib import resources
 from typing import Any
 
+from dptrain.audit.roc import dp_tpr_bound
+from dptrain.budget import BudgetError, BudgetLedger
+
 CARD_VERSION = "1.0"
 SCHEMA_RESOURCE = ("schemas", "privacy_card.schema.json")
 FPR_EXAMPLE = 0.01  # the false-positive rate used in the plain-language attack bound
@@ -29,7 +32,7 @@ def card_schema() -> dict[str, Any]:
 
 def validate_card(card: dict[str, Any]) -> None:
     """Raise ``jsonschema.ValidationError`` if ``card`` does not match the schema (needs ``jsonschema``)."""
-    import jsonschema
+    import jsonschema  # optional (the dev extra): only to validate a card
 
     jsonschema.validate(card, card_schema(), cls=jsonschema.Draft202012Validator)
 
@@ -37,8 +40,6 @@ def validate_card(card: dict[str, Any]) -> None:
 def max_attack_tpr(epsilon: float, delta: float, fpr: float) -> float:
     """The largest true-positive rate any membership test can reach at false-positive rate ``fpr`` under
     (epsilon, delta)-DP (Kairouz, Oh, Viswanath 2015; ``dptrain.audit.roc.dp_tpr_bound``)."""
-    from dptrain.audit.roc import dp_tpr_bound
-
     return float(dp_tpr_bound(fpr, epsilon, delta))
 
 
@@ -174,8 +175,6 @@ def _audit_section(audit: dict[str, Any] | None) -> dict[str, Any] | None:
 def _budget_now(ledger: dict[str, Any]) -> dict[str, Any]:
     """The budget's composed spend as the ledger holds it when the card is written (later runs included), or None
     with the reason when the ledger cannot be read from here."""
-    from dptrain.budget import BudgetError, BudgetLedger
-
     try:
         spent, note = BudgetLedger(ledger["path"], create=False).spent(ledger["budget"]), None
     except BudgetError as e:

@@ -17,13 +17,15 @@ from typing import Any
 
 import numpy as np
 
+from dptrain.audit.roc import dp_tpr_bound
+
 DPI = 110
 NONPRIVATE_COLOUR = "#d62728"
 GRID = {"color": "#dddddd", "linewidth": 0.6}
 
 
 def _figure(width: float = 7.0, height: float = 4.2, ncols: int = 1) -> Any:
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # matplotlib (about a second): only when a report is drawn
 
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     axes = fig.subplots(1, ncols)
@@ -31,7 +33,7 @@ def _figure(width: float = 7.0, height: float = 4.2, ncols: int = 1) -> Any:
 
 
 def _png(fig: Any) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # (see _figure)
 
     FigureCanvasAgg(fig)
     buffer = io.BytesIO()
@@ -107,7 +109,7 @@ def privacy_utility(runs: list[dict[str, Any]]) -> bytes:
             ax.plot([eps], [100 * accuracy], marker="o", markersize=9, color=colour, linestyle="none",
                     label=f"{run['name']}: {accuracy:.1%} at ε = {eps:.2f}")
     if finals:
-        from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
+        from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator  # (see _figure)
 
         finals.sort()
         if len(finals) > 1:
@@ -134,8 +136,6 @@ def privacy_utility(runs: list[dict[str, Any]]) -> bytes:
 
 
 def membership_roc(runs: list[dict[str, Any]]) -> bytes:
-    from dptrain.audit.roc import dp_tpr_bound
-
     fig, (linear, loglog) = _figure(width=10.0, height=4.4, ncols=2)
     audited = [(r, c) for r, c in zip(runs, run_colours(runs)) if r.get("audit")]
     floor = 1.0

@@ -250,3 +250,14 @@ def test_composed_epsilon_of_non_private_or_empty_records():
     assert composed_epsilon([], DELTA) == 0.0
     with pytest.raises(ValueError, match="delta"):
         composed_epsilon([StepRecord(0.01, 1.0, 10)], 0.0)
+
+
+def test_calibration_reports_each_evaluation_and_refuses_an_unreachable_target():
+    from dptrain.accounting import calibrate_noise
+
+    seen: list[tuple[float, float]] = []
+    sigma = calibrate_noise(2.0, 1e-5, 0.01, 1000, progress=lambda s, e: seen.append((s, e)))
+    assert len(seen) >= 3 and any(abs(s - sigma) < 1e-12 for s, _ in seen)  # the answer was one of them
+    assert all(e > 2.0 for s, e in seen if s < sigma * (1 - 1e-9))  # below the answer: over the target
+    with pytest.raises(ValueError, match="no noise multiplier up to 1e6 reaches epsilon 0.001"):
+        calibrate_noise(1e-3, 1e-5, 0.5, 10_000, accountant="rdp")

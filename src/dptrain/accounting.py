@@ -287,11 +287,13 @@ def calibrate_noise(
     steps: int,
     accountant: str = "pld",
     tolerance: float = 0.01,
+    progress: Callable[[float, float], None] | None = None,
 ) -> float:
     """Smallest noise multiplier (to within ``tolerance``) whose epsilon is <= ``target_epsilon``.
 
     The returned sigma satisfies ``(1 - tolerance) * target_epsilon <= eps(sigma) <= target_epsilon``, found by
-    bracketing then bisection; epsilon decreases with sigma.
+    bracketing then bisection; epsilon decreases with sigma. ``progress(sigma, epsilon)`` is called after each
+    evaluation (a long calibration can show where it is). No sigma up to 1e6 reaching the target: ValueError.
     """
     check_positive(target_epsilon, "target_epsilon")
     check_delta(target_delta, "target_delta")
@@ -301,8 +303,13 @@ def calibrate_noise(
     if steps == 0 or sample_rate == 0:
         raise ValueError("calibrate_noise needs steps > 0 and sample_rate > 0: nothing is released otherwise")
 
+    def reported(value: float, sigma: float) -> float:
+        if progress is not None:
+            progress(sigma, value)
+        return value
+
     def eps(sigma: float) -> float:
-        return compute_epsilon(sample_rate, sigma, steps, target_delta, accountant)
+        return reported(compute_epsilon(sample_rate, sigma, steps, target_delta, accountant), sigma)
 
     if accountant != "pld":
         return smallest_noise_multiplier(eps, target_epsilon, tolerance, 0.0, 1.0)
@@ -310,7 +317,8 @@ def calibrate_noise(
     # PLD at the reporting discretisation costs ~0.5 s per evaluation: search with the coarse (pessimistic, 20x
     # faster) discretisation first, then check, and if needed refine, at the reporting one.
     def coarse_eps(sigma: float) -> float:
-        return composed_epsilon([StepRecord(sample_rate, sigma, steps)], target_delta, COARSE_PLD_VALUE_DISCRETIZATION)
+        record = StepRecord(sample_rate, sigma, steps)
+        return reported(composed_epsilon([record], target_delta, COARSE_PLD_VALUE_DISCRETIZATION), sigma)
 
     sigma = smallest_noise_multiplier(coarse_eps, target_epsilon, tolerance / 2, 0.0, 1.0)
     final = eps(sigma)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
+import time
 from typing import Any
 
 from dptrain.cli.common import ACCOUNTANTS, EXIT_OK, add_json_flag, add_step_arguments, emit, subcommand
@@ -76,7 +78,15 @@ def _run_calibrate(args: argparse.Namespace) -> int:
             raise ValueError("--epochs needs a finite number of epochs > 0 and a sample rate in (0, 1]")
         # round() first so that e.g. 3 epochs at rate 0.1 are 30 steps, not 31 from 30.000000000000004
         steps = math.ceil(round(args.epochs / args.sample_rate, 6))
-    sigma = calibrate_noise(args.target_epsilon, args.delta, args.sample_rate, steps, args.accountant)
+    started = time.monotonic()
+
+    def progress(sigma: float, epsilon: float) -> None:  # after a second, each evaluation on stderr
+        if time.monotonic() - started > 1.0:
+            print(f"  calibrating: noise multiplier {sigma:.5g} gives epsilon {epsilon:.5g} (target "
+                  f"{args.target_epsilon:g})", file=sys.stderr, flush=True)
+
+    sigma = calibrate_noise(args.target_epsilon, args.delta, args.sample_rate, steps, args.accountant,
+                            progress=progress)
     eps = compute_epsilon(args.sample_rate, sigma, steps, args.delta, args.accountant)
     emit(
         args,

@@ -139,3 +139,13 @@ def test_a_refused_budget_create_leaves_no_ledger_file(tmp_path, capsys):
     assert main(["budget", "create", "patients", "--epsilon", "3", "--delta", "1e-5", "--ledger", str(path)]) == 0
     assert main(["budget", "create", "patients", "--epsilon", "3", "--delta", "1e-5", "--ledger", str(path)]) == 1
     assert [row[0] for row in sqlite3.connect(path).execute("SELECT name FROM budgets")] == ["patients"]  # kept
+
+
+def test_a_run_refused_for_a_missing_budget_leaves_no_ledger_and_no_run_directory(tmp_path, capsys):
+    data = _csv(tmp_path, _rows())
+    ledger = tmp_path / "ledgers" / "privacy.db"
+    config = _config(tmp_path, data, f'[ledger]\npath = "{ledger}"\nbudget = "patients"',
+                     privacy="noise_multiplier = 1.0\ndelta = 1e-3")
+    assert main(["train", str(config), "--output-dir", str(tmp_path / "run")]) == 2
+    assert "no budget 'patients'" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "patients.csv"]

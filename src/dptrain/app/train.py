@@ -108,6 +108,8 @@ def _open_ledger(config: LedgerConfig, delta: float, create: bool = True) -> Any
         if config.cap is None:
             raise missing
         return None
+    if create and not path.exists() and config.cap is None:
+        raise missing  # before creating anything: a refused run leaves no ledger file behind
     if create:
         path.parent.mkdir(parents=True, exist_ok=True)
     ledger = BudgetLedger(path, create=create)

@@ -55,11 +55,7 @@ def _delegate(argv: list[str], prog: str, description: str, example: str, add_ar
         args = parser.parse_args(argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else EXIT_OK
-    try:
-        return run(args)
-    except ValueError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    return _run(prog, run, args)
 
 
 def _run_audit(argv: list[str]) -> int:
@@ -134,8 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help (0) or a usage error (2), already printed by argparse
         return e.code if isinstance(e.code, int) else EXIT_OK
     command = " ".join(filter(None, ["dptrain", args.command, getattr(args, "action", None)]))
+    return _run(command, args.handler, args)
+
+
+def _run(command: str, handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """``handler(args)``, with the one map from errors to exit codes and messages of every command: a refusal of
+    the budget ledger 1, invalid input 2, Ctrl-C 130; anything else is a bug and raises."""
     try:
-        return args.handler(args)
+        return handler(args)
     except Exception as e:
         from dptrain.budget import BudgetError  # dp_accounting: loaded when needed, not for --help
 

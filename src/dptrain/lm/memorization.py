@@ -40,6 +40,7 @@ from dptrain.lm.generation import generate
 from dptrain.lm.models import add_lora, count_parameters, tiny_gpt2
 from dptrain.lm.tokenizer import SimpleTokenizer
 from dptrain.lm.training import PrivacySettings, train_causal_lm
+from dptrain.rundir import json_number
 
 
 #: The prompt of the text sample shown for every model (sampling from a DP model is free post-processing).
@@ -244,7 +245,7 @@ def run_memorization_experiment(
             )  # fmt: skip
             row: dict[str, Any] = {
                 "name": name,
-                "epsilon": result.epsilon if math.isfinite(result.epsilon) else None,
+                "epsilon": json_number(result.epsilon),
                 "target_epsilon": epsilon,
                 "privacy_unit": "user" if privacy is not None else None,
                 "training": result.to_dict(),

@@ -22,6 +22,7 @@ from dptrain.lm.data import trim_padding
 from dptrain.lm.loss import causal_lm_loss
 from dptrain.lm.models import trainable_parameters
 from dptrain.randomness import RandomSource
+from dptrain.rundir import json_number
 
 
 @dataclass
@@ -68,7 +69,7 @@ class TrainingResult:
         return {
             "steps": self.steps,
             "seconds": self.seconds,
-            "epsilon": self.epsilon if math.isfinite(self.epsilon) else None,
+            "epsilon": json_number(self.epsilon),
             "delta": self.delta,
             "noise_multiplier": self.noise_multiplier,
             "sample_rate": self.sample_rate,

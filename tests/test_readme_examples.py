@@ -118,12 +118,49 @@ def test_command_line_block_runs_as_written(tmp_path):
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "PYTHONPATH": str(ROOT / "src")}
+    outputs = {}
     for line in _block("dptrain demo                                  #").splitlines():
         command = line.split("  #")[0].strip()
         done = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=300)
         assert done.returncode == 0, (command, done.stderr[-2000:])
+        outputs[command] = done.stdout
     assert (tmp_path / "runs" / "eps1" / "privacy_card.json").is_file() and (tmp_path / "my-ledger.db").is_file()
+    # The demo's output shown under `dptrain demo` (seed 0): the same epsilons, accuracies within 1.5 points
+    # (float rounding differs across machines and thread counts), the same runs in the same order.
+    shown, printed = _demo_rows(_block("dptrain demo: scikit-learn digits")), _demo_rows(outputs["dptrain demo"])
+    assert [r[0] for r in printed] == [r[0] for r in shown] == ["non-private", "eps=1", "eps=3", "eps=8"]
+    for (name, eps, acc), (_, shown_eps, shown_acc) in zip(printed, shown):
+        assert eps == shown_eps and abs(acc - shown_acc) <= 1.5, (name, eps, acc, shown_eps, shown_acc)
+
+
+def _demo_rows(text: str) -> list[tuple[str, str, float]]:
+    """(run, epsilon as printed, test accuracy in %) of the demo's summary table."""
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("│ ").split("│")]
+        if len(cells) == 10 and cells[1] == "completed":
+            rows.append((cells[0], cells[3], float(cells[5].rstrip("%"))))
+    return rows
+
+
+def test_the_audit_output_shown_is_what_dptrain_audit_prints(tmp_path):
+    """`dptrain audit` (seeded) prints the table README shows: the same rows and verdicts, claimed epsilons, test
+    accuracy within 0.02 and the MIA AUC within 0.03 (float rounding differs across machines)."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run(["dptrain", "audit"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    def rows(text: str) -> list[list[str]]:
+        return [line.split() for line in text.splitlines() if line.split()[:1] in (["non-private"], ["eps=1"],
+                                                                                      ["eps=8"])]
+
+    shown, printed = rows(_block("run          claimed eps")), rows(done.stdout)
+    assert [r[0] for r in printed] == [r[0] for r in shown] and len(shown) == 3
+    for got, want in zip(printed, shown):
+        assert got[1] == want[1] and got[-1] == want[-1]  # claimed eps, verdict
+        assert abs(float(got[2]) - float(want[2])) <= 0.02 and abs(float(got[3]) - float(want[3])) <= 0.03, got
 
 
 def test_the_demo_time_is_stated_one_way():

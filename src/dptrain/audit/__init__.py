@@ -12,7 +12,7 @@ Composable pieces, each returning a plain result object (a dataclass with ``to_d
   clipped sum) -> ``GradientCanaries``; catches a run whose noise is a quarter of what its accountant charges.
 - ``training``: ``audit_training_run``, all of the above alongside a real training run.
 - ``exposure``: Secret Sharer exposure of planted secrets in sequence models -> ``ExposureResult``.
-- ``digits`` and ``command``: the demo model's audit and the ``dptrain audit`` command.
+- ``digits``: the digits MLP the ``dptrain audit`` command trains and audits (the command: ``dptrain.cli.audit``).
 
 Every audit trains through a ``TrainFn``: ``train_fn(dataset) -> (model, claimed_epsilon)``, so it works with any
 training code; dptrain's ``PrivacyEngine`` supplies the claimed epsilon of private runs.

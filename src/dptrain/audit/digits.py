@@ -1,4 +1,4 @@
-"""Auditing the demo model (MLP 64-128-10 on scikit-learn's digits): data with canaries, and training functions.
+"""Auditing a digits MLP (64-128-10 ReLU on scikit-learn's digits): data with canaries, and training functions.
 
 ``make_digits_train_fn(epsilon)`` returns a ``TrainFn``: ``train_fn(dataset) -> (model, claimed_epsilon)``, the
 interface every audit in ``dptrain.audit`` takes. With ``epsilon=None`` it trains without privacy (the claimed eps is
@@ -62,7 +62,7 @@ def make_digits_train_fn(
     hidden: int = 128,
     seed: int = 0,
 ) -> TrainFn:
-    """A ``TrainFn`` for the demo MLP: non-private Adam when ``epsilon`` is None, else DP-Adam at ``epsilon``.
+    """A ``TrainFn`` for the audit's digits MLP: non-private Adam when ``epsilon`` is None, else DP-Adam at ``epsilon``.
 
     The private path is ``make_private_with_epsilon`` spelled out (sample rate 1 / len(loader), ``epochs`` epochs,
     noise calibrated by ``dptrain.accounting.calibrate_noise``) so that the calibration can be cached.

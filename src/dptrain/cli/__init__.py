@@ -43,7 +43,7 @@ def _add_audit(subparsers: Any) -> None:
     subparsers.add_parser(
         "audit",
         add_help=False,
-        help="membership-inference and one-run audits of the demo digits model (dptrain audit --help)",
+        help="membership-inference and one-run audits of a digits MLP, or of a model dptrain wrote (dptrain audit --help)",
     )
 
 
@@ -65,8 +65,9 @@ def _run_audit(argv: list[str]) -> int:
     return _delegate(
         argv,
         "dptrain audit",
-        "Audit the demo digits model, non-private and at each --epsilon: membership inference and the one-run "
-        "empirical epsilon lower bound. Exit status 3 flags a run that leaks more than it claims.",
+        "Audit a digits MLP trained non-privately and at each --epsilon (or, with --load, a model dptrain wrote): "
+        "membership inference and the one-run empirical epsilon lower bound. Exit status 3 flags a run that leaks "
+        "more than it claims.",
         "dptrain audit --quick --json",
         add_audit_arguments,
         run_audit_command,

@@ -410,4 +410,4 @@ def test_readme_section_example_runs_and_prints_what_it_shows(tmp_path: Path, mo
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {})
     assert _rounded(capsys.readouterr().out) == _rounded(shown)
-    assert (tmp_path / "privacy.db").is_file()
+    assert (tmp_path / "budgets.db").is_file()  # its own file: the CLI examples beside it use privacy.db

@@ -125,13 +125,15 @@ def _loader() -> DataLoader:
 def test_make_private_refuses_batchnorm_naming_path_and_fix() -> None:
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match=r"features\.block\.norm") as info:
+    with pytest.raises(UnsupportedModuleError, match=r"features\.block\.norm") as info:  # a ValueError (Opacus)
         PrivacyEngine().make_private(
             module=model, optimizer=opt, data_loader=_loader(), noise_multiplier=1.0, max_grad_norm=1.0
         )
     message = str(info.value)
     assert "ModuleValidator.fix" in message
     assert "head.2" in message and "inorm" in message  # every offending layer, not only the first
+    assert isinstance(info.value, ValueError) and info.value.path == "features.block.norm"
+    assert [e.path for e in info.value.errors] == [e.path for e in ModuleValidator.validate(model)]
     assert len(model._forward_hooks) == 0
 
 
@@ -157,3 +159,24 @@ def test_make_private_accepts_fixed_model() -> None:
         module=model, optimizer=opt, data_loader=_loader(), noise_multiplier=1.0, max_grad_norm=1.0
     )
     assert model2 is model
+
+
+def test_fix_and_validate_returns_the_fixed_copy_or_refuses_what_has_no_fix() -> None:
+    """Opacus' ModuleValidator.fix_and_validate: BatchNorm is replaced; a layer with no drop-in fix is refused."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 2))
+    fixed = ModuleValidator.fix_and_validate(model)
+    assert fixed is not model and ModuleValidator.is_valid(fixed) and isinstance(model[1], nn.BatchNorm2d)
+    unfixable = nn.Sequential(nn.Linear(4, 4), nn.InstanceNorm1d(4, track_running_stats=True))
+    with pytest.raises(UnsupportedModuleError, match=r"1 \(InstanceNorm1d\)"):
+        ModuleValidator.fix_and_validate(unfixable)
+
+
+def test_the_accountant_names_its_mechanism_and_counts_its_records() -> None:
+    from dptrain.accounting import Accountant
+
+    accountant = Accountant("rdp")
+    assert accountant.mechanism() == "rdp" and len(accountant) == 0
+    accountant.step(0.1, 1.0, 5)
+    accountant.step(0.1, 1.0, 5)  # merged with the previous record
+    accountant.step(0.2, 1.0, 1)
+    assert len(accountant) == 2 and accountant.steps == 11 and Accountant().mechanism() == "pld"

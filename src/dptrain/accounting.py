@@ -381,6 +381,14 @@ class Accountant:
     def steps(self) -> int:
         return sum(r.count for r in self.history)
 
+    def mechanism(self) -> str:
+        """The accountant's name ("pld" or "rdp"), as Opacus' ``accountant.mechanism()``."""
+        return self.kind
+
+    def __len__(self) -> int:
+        """The number of history records (runs of identical steps), as ``len(accountant)`` in Opacus."""
+        return len(self.history)
+
     def event(self) -> dp_accounting.DpEvent:
         return dp_accounting.ComposedDpEvent([r.to_event() for r in self.history])
 

@@ -41,7 +41,7 @@ from dptrain.sampling import (
     sample_space,
 )
 from dptrain.state_guard import StateGuard
-from dptrain.validators import ModuleValidator
+from dptrain.validators import ModuleValidator, UnsupportedModuleError
 
 if TYPE_CHECKING:
     from dptrain.budget import BudgetLedger
@@ -127,8 +127,7 @@ def _check_privacy_unit(
 def _refuse_invalid_model(module: nn.Module) -> None:
     errors = ModuleValidator.validate(module)
     if errors:
-        details = "\n  ".join(str(e) for e in errors)
-        raise ValueError(f"the model has layers that break per-example privacy:\n  {details}")
+        raise UnsupportedModuleError.of(errors)  # a ValueError, as in Opacus
 
 
 def _sampling_source(secure: bool, generator: torch.Generator | None, rank: int, world_size: int) -> RandomSource:

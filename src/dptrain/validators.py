@@ -23,6 +23,18 @@ class UnsupportedModuleError(ValueError):
         self.reason = reason
         self.fix = fix
         super().__init__(f"{self.path} ({self.module_type}): {reason}. Fix: {fix}")
+        self.errors: list[UnsupportedModuleError] = [self]
+
+    @classmethod
+    def of(cls, errors: list["UnsupportedModuleError"]) -> "UnsupportedModuleError":
+        """One error for a whole model (what ``make_private`` raises, as Opacus does): the first layer's fields,
+        every layer in the message and in ``errors``."""
+        first = errors[0]
+        combined = cls(first.path, nn.Module(), first.reason, first.fix)
+        combined.module_type, combined.errors = first.module_type, list(errors)
+        details = "\n  ".join(str(e) for e in errors)
+        combined.args = (f"the model has layers that break per-example privacy:\n  {details}",)
+        return combined
 
 
 def _group_norm_for(bn: _BatchNorm) -> nn.GroupNorm:
@@ -98,6 +110,16 @@ class ModuleValidator:
     @staticmethod
     def is_valid(module: nn.Module) -> bool:
         return not ModuleValidator.validate(module)
+
+    @staticmethod
+    def fix_and_validate(module: nn.Module) -> nn.Module:
+        """``fix`` then ``validate(strict=True)``: the fixed copy, or UnsupportedModuleError for a layer with no
+        drop-in fix (Opacus' name for the same call)."""
+        fixed = ModuleValidator.fix(module)
+        errors = ModuleValidator.validate(fixed)
+        if errors:
+            raise UnsupportedModuleError.of(errors)
+        return fixed
 
     @staticmethod
     def fix(module: nn.Module) -> nn.Module:

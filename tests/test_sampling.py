@@ -303,3 +303,20 @@ def test_empty_logical_batch_with_physical_batching() -> None:
             assert not torch.equal(before, model.weight)
     assert empty >= 1
     assert opt.steps_taken == engine.accountant.steps == n
+
+
+def test_the_private_loader_reports_the_sample_rate_the_accountant_records():
+    """Opacus' ``data_loader.sample_rate``: the Poisson rate of each logical batch, equal to the optimizer's."""
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dptrain import PrivacyEngine
+
+    model = nn.Linear(3, 2)
+    data = DataLoader(TensorDataset(torch.randn(40, 3), torch.zeros(40, dtype=torch.long)), batch_size=8)
+    _, optimizer, loader = PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=data,
+        noise_multiplier=1.0, max_grad_norm=1.0,
+    )  # fmt: skip
+    assert loader.sample_rate == optimizer.sample_rate == 1 / len(data) == 0.2

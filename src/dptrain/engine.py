@@ -353,7 +353,7 @@ class PrivacyEngine:
             sample_rate = data_loader.batch_size * world_size / dataset_size
             expected_batch_size = float(data_loader.batch_size * world_size)
             batch_sampler = data_loader.batch_sampler
-        private_loader = DPDataLoader(data_loader, batch_sampler, signal, max_physical_batch_size, users)
+        private_loader = DPDataLoader(data_loader, batch_sampler, signal, max_physical_batch_size, users, sample_rate)
         restored = self._pending_optimizer_states[0] if self._pending_optimizer_states else None
         seed = None if restored is not None else _seed_if_fresh(noise_generator)
         sampling_scheme = "poisson" if sampling is not None else "shuffled"

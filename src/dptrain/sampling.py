@@ -235,8 +235,10 @@ class DPDataLoader(DataLoader):
         signal: ChunkSignal,
         max_physical_batch_size: int | None = None,
         user_ids: torch.Tensor | None = None,
+        sample_rate: float | None = None,
     ) -> None:
-        """``user_ids`` (one per dataset example) makes the loader report each chunk's users to the optimizer."""
+        """``user_ids`` (one per dataset example) makes the loader report each chunk's users to the optimizer;
+        ``sample_rate``: the rate the accountant records for each batch (Opacus' ``data_loader.sample_rate``)."""
         if max_physical_batch_size is not None and (
             isinstance(max_physical_batch_size, bool) or not isinstance(max_physical_batch_size, int) or max_physical_batch_size <= 0
         ):
@@ -260,6 +262,7 @@ class DPDataLoader(DataLoader):
         )
         self.signal = signal
         self.max_physical_batch_size = max_physical_batch_size
+        self.sample_rate = sample_rate
 
     def __iter__(self) -> Iterator[Any]:
         for batch in super().__iter__():

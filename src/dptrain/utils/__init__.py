@@ -1,0 +1,1 @@
+"""Opacus-compatible utilities: ``dptrain.utils.batch_memory_manager.BatchMemoryManager``."""

@@ -180,3 +180,26 @@ def test_the_accountant_names_its_mechanism_and_counts_its_records() -> None:
     accountant.step(0.1, 1.0, 5)  # merged with the previous record
     accountant.step(0.2, 1.0, 1)
     assert len(accountant) == 2 and accountant.steps == 11 and Accountant().mechanism() == "pld"
+
+
+def test_opacus_accountant_names_prv_is_computed_with_pld_and_gdp_is_refused() -> None:
+    from dptrain.accounting import compute_epsilon
+
+    model = nn.Linear(3, 2)
+    data = DataLoader(TensorDataset(torch.randn(40, 3), torch.zeros(40, dtype=torch.long)), batch_size=8)
+    engine = PrivacyEngine(accountant="prv")
+    _, optimizer, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=data,
+        noise_multiplier=1.0, max_grad_norm=1.0,
+    )  # fmt: skip
+    for x, y in loader:
+        optimizer.zero_grad()
+        if len(y):
+            nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    assert engine.accountant.mechanism() == "pld"
+    assert engine.get_epsilon(1e-5) == pytest.approx(compute_epsilon(0.2, 1.0, 5, 1e-5, "pld"))
+    with pytest.raises(ValueError, match="can under-state epsilon"):
+        PrivacyEngine(accountant="gdp")
+    with pytest.raises(ValueError, match="accountant must be one of"):
+        PrivacyEngine(accountant="moments")

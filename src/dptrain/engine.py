@@ -124,6 +124,20 @@ def _check_privacy_unit(
     return users.long()
 
 
+def _native_accountant(accountant: str) -> str:
+    """Opacus' accountant names on dptrain's: "prv" is computed with PLD (both are numerical, tight accountants of
+    the same privacy loss distribution); "gdp" is refused."""
+    if accountant == "prv":
+        return "pld"
+    if accountant == "gdp":
+        raise ValueError(
+            'accountant="gdp" (Gaussian DP through the central limit theorem) can under-state epsilon, most for few '
+            'steps or large sampling rates; use "pld" (the default: tight) or "rdp"'
+        )
+    check_accountant(accountant)
+    return accountant
+
+
 def _refuse_invalid_model(module: nn.Module) -> None:
     errors = ModuleValidator.validate(module)
     if errors:
@@ -198,7 +212,7 @@ class PrivacyEngine:
         on_budget_exhausted: "Callable[[PrivacyEngine], None] | None" = None,
         ledger_note: str = "",
     ) -> None:
-        check_accountant(accountant)
+        accountant = _native_accountant(accountant)
         if (ledger is None) != (budget is None):
             raise ValueError("pass both ledger= and budget= (the budget's name) to charge a budget, or neither")
         if ledger is not None:

@@ -1,0 +1,58 @@
+"""``dptrain.layers``: Opacus' DP layer names are the torch layers, and a model built with them gets exact per-example
+clipping (compared with a per-example loop)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from dptrain import PrivacyEngine
+from dptrain import layers
+
+
+class CharModel(nn.Module):
+    def __init__(self, recurrent: type[nn.Module]) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(12, 6)
+        self.rnn = recurrent(6, 5, batch_first=True)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, ids):
+        out, _ = self.rnn(self.embed(ids))
+        return self.head(out[:, -1])
+
+
+def test_the_layer_names_are_the_torch_layers():
+    assert (layers.DPLSTM, layers.DPGRU, layers.DPRNN) == (nn.LSTM, nn.GRU, nn.RNN)
+    assert layers.DPMultiheadAttention is nn.MultiheadAttention
+
+
+@pytest.mark.parametrize("recurrent", [layers.DPLSTM, layers.DPGRU, layers.DPRNN])
+def test_a_model_of_dp_layers_is_clipped_per_example_exactly(recurrent):
+    torch.manual_seed(0)
+    model = CharModel(recurrent)
+    ids, labels = torch.randint(0, 12, (6, 4)), torch.randint(0, 3, (6,))
+    reference = [p.detach().clone() for p in model.parameters()]
+    clip = 0.05  # small: every example is clipped
+    grads = []
+    for i in range(6):  # the per-example loop
+        model.zero_grad()
+        nn.functional.cross_entropy(model(ids[i : i + 1]), labels[i : i + 1]).backward()
+        g = [p.grad.detach().clone() for p in model.parameters()]
+        norm = torch.sqrt(sum(x.square().sum() for x in g))
+        grads.append([x * min(1.0, clip / float(norm)) for x in g])
+    expected = [r - sum(g[k] for g in grads) / 6 for k, r in enumerate(reference)]
+    with pytest.warns(UserWarning, match="poisson_sampling=False"):
+        private, optimizer, loader = PrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+            data_loader=DataLoader(TensorDataset(ids, labels), batch_size=6), noise_multiplier=0.0,
+            max_grad_norm=clip, poisson_sampling=False,
+        )  # fmt: skip
+    x, y = next(iter(loader))
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(private(x), y, reduction="mean").backward()
+    optimizer.step()
+    for got, want in zip(model.parameters(), expected):
+        assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)

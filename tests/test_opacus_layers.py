@@ -56,3 +56,56 @@ def test_a_model_of_dp_layers_is_clipped_per_example_exactly(recurrent):
     optimizer.step()
     for got, want in zip(model.parameters(), expected):
         assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
+
+
+def _loader_and_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+    data = DataLoader(TensorDataset(torch.randn(30, 4), torch.randint(0, 2, (30,))), batch_size=10)
+    return model, data
+
+
+@pytest.mark.parametrize("mode, engine", [("hooks", "Fast"), ("ew", "Fast"), ("functorch", "Vmap")])
+def test_opacus_grad_sample_modes_map_onto_the_two_engines(mode, engine):
+    model, data = _loader_and_model()
+    private, optimizer, loader = PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=data, noise_multiplier=1.0,
+        max_grad_norm=1.0, grad_sample_mode=mode, clipping="flat",
+    )  # fmt: skip
+    assert type(optimizer.grad_sampler).__name__.startswith(engine)
+
+
+def test_ghost_clipping_takes_and_returns_the_criterion_as_opacus_does():
+    model, data = _loader_and_model()
+    criterion = nn.CrossEntropyLoss()
+    engine = PrivacyEngine()
+    private, optimizer, returned, loader = engine.make_private_with_epsilon(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=data, target_epsilon=3.0,
+        target_delta=1e-5, epochs=1, max_grad_norm=1.0, grad_sample_mode="ghost", criterion=criterion,
+    )  # fmt: skip
+    assert returned is criterion
+    for x, y in loader:
+        optimizer.zero_grad()
+        if len(y):
+            returned(private(x), y).backward()
+        optimizer.step()
+    assert optimizer.steps_taken == 3 and 0 < engine.get_epsilon(1e-5) <= 3.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"clipping": "per_layer"}, "not supported yet"),
+        ({"grad_sample_mode": "ghost"}, "go together"),
+        ({"criterion": nn.CrossEntropyLoss()}, "go together"),
+        ({"grad_sample_mode": "jacobian"}, "or Opacus'"),
+    ],
+)
+def test_opacus_arguments_dptrain_cannot_honour_are_refused_before_anything_is_attached(kwargs, message):
+    model, data = _loader_and_model()
+    with pytest.raises(ValueError, match=message):
+        PrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=data,
+            noise_multiplier=1.0, max_grad_norm=1.0, **kwargs,
+        )  # fmt: skip
+    assert not model._forward_hooks and not model._forward_pre_hooks  # nothing left attached

@@ -124,6 +124,26 @@ def _check_privacy_unit(
     return users.long()
 
 
+def _check_opacus_options(clipping: str, grad_sample_mode: str, criterion: Any) -> None:
+    """Opacus' arguments dptrain takes, checked before anything is attached or reserved."""
+    if clipping != "flat":
+        raise ValueError(
+            f'clipping={clipping!r} is not supported yet: dptrain clips each example\'s whole gradient to '
+            'max_grad_norm (clipping="flat")'
+        )
+    if (grad_sample_mode == "ghost") != (criterion is not None):
+        raise ValueError('grad_sample_mode="ghost" and criterion= go together (Opacus\' ghost clipping API: it '
+                         "returns (module, optimizer, criterion, data_loader))")
+
+
+def _opacus_result(made: tuple, criterion: Any) -> tuple:
+    """``make_private``'s result, as Opacus returns it for ghost clipping: with the criterion, unchanged."""
+    if criterion is None:
+        return made
+    module, optimizer, loader = made
+    return module, optimizer, criterion, loader
+
+
 def _native_accountant(accountant: str) -> str:
     """Opacus' accountant names on dptrain's: "prv" is computed with PLD (both are numerical, tight accountants of
     the same privacy loss distribution); "gdp" is refused."""
@@ -248,8 +268,15 @@ class PrivacyEngine:
         privacy_unit: str = "example",
         user_ids: Any = None,
         user_reduction: str = "sum",
+        clipping: str = "flat",
+        criterion: Any = None,
     ) -> tuple[nn.Module, DPOptimizer, DataLoader]:
         """Attach per-example gradient hooks to ``module`` and return it with a DP optimizer and data loader.
+
+        Opacus' arguments: ``clipping="flat"`` (the only one so far), ``grad_sample_mode`` "hooks", "ew", "ghost"
+        (= "auto") or "functorch" (= "vmap"); with "ghost" and a ``criterion`` the result is Opacus' four-tuple
+        (module, optimizer, criterion, data_loader), the criterion unchanged (the engine clips from the ordinary
+        backward pass).
 
         Every ``optimizer.step()`` at the end of a logical batch clips each example's gradient to
         ``max_grad_norm``, adds N(0, (noise_multiplier * max_grad_norm)^2) noise, divides by the expected batch
@@ -261,7 +288,8 @@ class PrivacyEngine:
         or averaged (``"mean"``) gradient is clipped as one unit, the sum is divided by the expected number of
         users, and epsilon is per user.
         """
-        return self._make_private(
+        _check_opacus_options(clipping, grad_sample_mode, criterion)
+        made = self._make_private(
             module=module,
             optimizer=optimizer,
             data_loader=data_loader,
@@ -278,6 +306,7 @@ class PrivacyEngine:
             user_reduction=user_reduction,
             planned_steps=None,
         )
+        return _opacus_result(made, criterion)
 
     def _make_private(
         self,
@@ -428,6 +457,8 @@ class PrivacyEngine:
         **kwargs: Any,
     ) -> tuple[nn.Module, DPOptimizer, DataLoader]:
         """``make_private`` with the smallest noise multiplier that keeps ``epochs`` epochs within the target."""
+        criterion = kwargs.pop("criterion", None)
+        _check_opacus_options(kwargs.pop("clipping", "flat"), kwargs.get("grad_sample_mode", "auto"), criterion)
         check_positive(target_epsilon, "target_epsilon")
         check_delta(target_delta, "target_delta")
         if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs <= 0:
@@ -450,7 +481,7 @@ class PrivacyEngine:
             sample_rate = data_loader.batch_size * world_size / dataset_size
         steps = epochs * steps_per_epoch
         noise_multiplier = calibrate_noise(target_epsilon, target_delta, sample_rate, steps, self.accountant.kind)
-        return self._make_private(
+        made = self._make_private(
             module=module,
             optimizer=optimizer,
             data_loader=data_loader,
@@ -459,6 +490,7 @@ class PrivacyEngine:
             planned_steps=steps,
             **kwargs,
         )
+        return _opacus_result(made, criterion)
 
     def _reserve(
         self,

@@ -109,3 +109,25 @@ def test_opacus_arguments_dptrain_cannot_honour_are_refused_before_anything_is_a
             noise_multiplier=1.0, max_grad_norm=1.0, **kwargs,
         )  # fmt: skip
     assert not model._forward_hooks and not model._forward_pre_hooks  # nothing left attached
+
+
+def test_a_step_hook_sees_every_real_step_with_its_noisy_gradients_and_accounting_still_runs():
+    model, data = _loader_and_model()
+    engine = PrivacyEngine()
+    private, optimizer, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=data, noise_multiplier=1.0,
+        max_grad_norm=1.0, max_physical_batch_size=4,
+    )  # fmt: skip
+    seen = []
+    optimizer.attach_step_hook(lambda opt: seen.append([p.grad.clone() for p in model.parameters()]))
+    before = [p.detach().clone() for p in model.parameters()]
+    for x, y in loader:
+        optimizer.zero_grad()
+        if len(y):
+            nn.functional.cross_entropy(private(x), y).backward()
+        optimizer.step()
+    assert len(seen) == optimizer.steps_taken == 3  # real steps only, not one per chunk
+    assert engine.accountant.steps == 3  # the engine's accounting is not replaced
+    # the hook ran before each update: with SGD the total change is -lr times the sum of what it saw
+    for k, (p, b) in enumerate(zip(model.parameters(), before)):
+        assert torch.allclose(p.detach(), b - 0.1 * sum(g[k] for g in seen), atol=1e-6)

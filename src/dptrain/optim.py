@@ -105,6 +105,7 @@ class DPOptimizer(Optimizer):
         self.random = random
         self.signal = signal or ChunkSignal()
         self.on_step = on_step
+        self.step_hooks: list[Callable[["DPOptimizer"], None]] = []  # the user's (attach_step_hook)
         self.distributed = distributed
         self.user_reduction = user_reduction
         self._reset_users()
@@ -161,6 +162,11 @@ class DPOptimizer(Optimizer):
             f"DPOptimizer(noise_multiplier={self.noise_multiplier}, max_grad_norm={self.max_grad_norm}, "
             f"expected_batch_size={self.expected_batch_size}, optimizer={self.original_optimizer!r})"
         )
+
+    def attach_step_hook(self, fn: Callable[["DPOptimizer"], None]) -> None:
+        """Call ``fn(optimizer)`` at every real (noised) step, after the noise and before the update, as Opacus'
+        ``attach_step_hook``. It is added beside the engine's own accounting hook, never in its place."""
+        self.step_hooks.append(fn)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the wrapped optimizer's gradients and drop per-example gradients not yet consumed by ``step``."""
@@ -405,6 +411,8 @@ class DPOptimizer(Optimizer):
             raise
         self._noisy_average()
         self._logical_batch = None
+        for hook in self.step_hooks:  # with the noisy gradients in .grad, before the update (as in Opacus)
+            hook(self)
         self.original_optimizer.step()
         self.steps_taken += 1
         if self.on_step is not None:

@@ -144,6 +144,13 @@ def _opacus_result(made: tuple, criterion: Any) -> tuple:
     return module, optimizer, criterion, loader
 
 
+def _refuse_schedulers(options: dict[str, Any]) -> None:
+    given = sorted(k for k, v in options.items() if v is not None)
+    if given:
+        raise ValueError(f"{', '.join(given)}: not supported by dptrain's checkpoints (noise and clipping schedulers "
+                         "are not implemented); save them in checkpoint_dict yourself")
+
+
 def _native_accountant(accountant: str) -> str:
     """Opacus' accountant names on dptrain's: "prv" is computed with PLD (both are numerical, tight accountants of
     the same privacy loss distribution); "gdp" is refused."""
@@ -623,6 +630,32 @@ class PrivacyEngine:
             "dataset_size": self.dataset_size,
             "optimizers": optimizers,
         }
+
+    def save_checkpoint(self, *, path: Any, module: nn.Module, optimizer: Any = None,
+                        checkpoint_dict: dict[str, Any] | None = None, **unsupported: Any) -> None:
+        """Opacus' ``save_checkpoint``: the module's and optimizer's state dicts and this engine's
+        (``privacy_accountant_state_dict``: accountant, steps, random streams) in one ``torch.save`` file, with the
+        entries of ``checkpoint_dict``. The file resumes the noise stream: keep it as private as the data."""
+        _refuse_schedulers(unsupported)
+        content = dict(checkpoint_dict or {})
+        content.update(module_state_dict=module.state_dict(), privacy_accountant_state_dict=self.state_dict())
+        if optimizer is not None:
+            content["optimizer_state_dict"] = optimizer.state_dict()
+        torch.save(content, path)
+
+    def load_checkpoint(self, *, path: Any, module: nn.Module, optimizer: Any = None,
+                        **unsupported: Any) -> dict[str, Any]:
+        """Opacus' ``load_checkpoint``: restore what ``save_checkpoint`` wrote into ``module``, ``optimizer`` and this
+        engine (call it after ``make_private``, or before for the optimizers made private later); returns the
+        checkpoint's other entries."""
+        _refuse_schedulers(unsupported)
+        content = dict(torch.load(path, map_location="cpu", weights_only=False))
+        module.load_state_dict(content.pop("module_state_dict"))
+        self.load_state_dict(content.pop("privacy_accountant_state_dict"))
+        optimizer_state = content.pop("optimizer_state_dict", None)
+        if optimizer is not None and optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)
+        return content
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the accountant; optimizer state (step count, random streams) applies to the optimizers made

@@ -24,11 +24,11 @@ from torch.utils.data import DataLoader
 from dptrain.accounting import (
     Accountant,
     calibrate_noise,
-    check_accountant,
     check_delta,
     check_noise_multiplier,
     check_positive,
 )
+from dptrain.compat import CheckpointMethods, check_opacus_options, native_accountant, opacus_result
 from dptrain.grad import make_grad_sampler
 from dptrain.independence import IndependenceCheck
 from dptrain.optim import DPOptimizer
@@ -124,47 +124,6 @@ def _check_privacy_unit(
     return users.long()
 
 
-def _check_opacus_options(clipping: str, grad_sample_mode: str, criterion: Any) -> None:
-    """Opacus' arguments dptrain takes, checked before anything is attached or reserved."""
-    if clipping != "flat":
-        raise ValueError(
-            f'clipping={clipping!r} is not supported yet: dptrain clips each example\'s whole gradient to '
-            'max_grad_norm (clipping="flat")'
-        )
-    if (grad_sample_mode == "ghost") != (criterion is not None):
-        raise ValueError('grad_sample_mode="ghost" and criterion= go together (Opacus\' ghost clipping API: it '
-                         "returns (module, optimizer, criterion, data_loader))")
-
-
-def _opacus_result(made: tuple, criterion: Any) -> tuple:
-    """``make_private``'s result, as Opacus returns it for ghost clipping: with the criterion, unchanged."""
-    if criterion is None:
-        return made
-    module, optimizer, loader = made
-    return module, optimizer, criterion, loader
-
-
-def _refuse_schedulers(options: dict[str, Any]) -> None:
-    given = sorted(k for k, v in options.items() if v is not None)
-    if given:
-        raise ValueError(f"{', '.join(given)}: not supported by dptrain's checkpoints (noise and clipping schedulers "
-                         "are not implemented); save them in checkpoint_dict yourself")
-
-
-def _native_accountant(accountant: str) -> str:
-    """Opacus' accountant names on dptrain's: "prv" is computed with PLD (both are numerical, tight accountants of
-    the same privacy loss distribution); "gdp" is refused."""
-    if accountant == "prv":
-        return "pld"
-    if accountant == "gdp":
-        raise ValueError(
-            'accountant="gdp" (Gaussian DP through the central limit theorem) can under-state epsilon, most for few '
-            'steps or large sampling rates; use "pld" (the default: tight) or "rdp"'
-        )
-    check_accountant(accountant)
-    return accountant
-
-
 def _refuse_invalid_model(module: nn.Module) -> None:
     errors = ModuleValidator.validate(module)
     if errors:
@@ -219,7 +178,7 @@ class _Reservation:
     first_step: int
 
 
-class PrivacyEngine:
+class PrivacyEngine(CheckpointMethods):
     """Owns the privacy accounting of every model made private with it.
 
     ``accountant``: "pld" (default, tightest) or "rdp". ``secure_mode``: draw sampling and noise from the OS
@@ -239,7 +198,7 @@ class PrivacyEngine:
         on_budget_exhausted: "Callable[[PrivacyEngine], None] | None" = None,
         ledger_note: str = "",
     ) -> None:
-        accountant = _native_accountant(accountant)
+        accountant = native_accountant(accountant)
         if (ledger is None) != (budget is None):
             raise ValueError("pass both ledger= and budget= (the budget's name) to charge a budget, or neither")
         if ledger is not None:
@@ -295,7 +254,7 @@ class PrivacyEngine:
         or averaged (``"mean"``) gradient is clipped as one unit, the sum is divided by the expected number of
         users, and epsilon is per user.
         """
-        _check_opacus_options(clipping, grad_sample_mode, criterion)
+        check_opacus_options(clipping, grad_sample_mode, criterion)
         made = self._make_private(
             module=module,
             optimizer=optimizer,
@@ -313,7 +272,7 @@ class PrivacyEngine:
             user_reduction=user_reduction,
             planned_steps=None,
         )
-        return _opacus_result(made, criterion)
+        return opacus_result(made, criterion)
 
     def _make_private(
         self,
@@ -465,7 +424,7 @@ class PrivacyEngine:
     ) -> tuple[nn.Module, DPOptimizer, DataLoader]:
         """``make_private`` with the smallest noise multiplier that keeps ``epochs`` epochs within the target."""
         criterion = kwargs.pop("criterion", None)
-        _check_opacus_options(kwargs.pop("clipping", "flat"), kwargs.get("grad_sample_mode", "auto"), criterion)
+        check_opacus_options(kwargs.pop("clipping", "flat"), kwargs.get("grad_sample_mode", "auto"), criterion)
         check_positive(target_epsilon, "target_epsilon")
         check_delta(target_delta, "target_delta")
         if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs <= 0:
@@ -497,7 +456,7 @@ class PrivacyEngine:
             planned_steps=steps,
             **kwargs,
         )
-        return _opacus_result(made, criterion)
+        return opacus_result(made, criterion)
 
     def _reserve(
         self,
@@ -630,32 +589,6 @@ class PrivacyEngine:
             "dataset_size": self.dataset_size,
             "optimizers": optimizers,
         }
-
-    def save_checkpoint(self, *, path: Any, module: nn.Module, optimizer: Any = None,
-                        checkpoint_dict: dict[str, Any] | None = None, **unsupported: Any) -> None:
-        """Opacus' ``save_checkpoint``: the module's and optimizer's state dicts and this engine's
-        (``privacy_accountant_state_dict``: accountant, steps, random streams) in one ``torch.save`` file, with the
-        entries of ``checkpoint_dict``. The file resumes the noise stream: keep it as private as the data."""
-        _refuse_schedulers(unsupported)
-        content = dict(checkpoint_dict or {})
-        content.update(module_state_dict=module.state_dict(), privacy_accountant_state_dict=self.state_dict())
-        if optimizer is not None:
-            content["optimizer_state_dict"] = optimizer.state_dict()
-        torch.save(content, path)
-
-    def load_checkpoint(self, *, path: Any, module: nn.Module, optimizer: Any = None,
-                        **unsupported: Any) -> dict[str, Any]:
-        """Opacus' ``load_checkpoint``: restore what ``save_checkpoint`` wrote into ``module``, ``optimizer`` and this
-        engine (call it after ``make_private``, or before for the optimizers made private later); returns the
-        checkpoint's other entries."""
-        _refuse_schedulers(unsupported)
-        content = dict(torch.load(path, map_location="cpu", weights_only=False))
-        module.load_state_dict(content.pop("module_state_dict"))
-        self.load_state_dict(content.pop("privacy_accountant_state_dict"))
-        optimizer_state = content.pop("optimizer_state_dict", None)
-        if optimizer is not None and optimizer_state is not None:
-            optimizer.load_state_dict(optimizer_state)
-        return content
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the accountant; optimizer state (step count, random streams) applies to the optimizers made

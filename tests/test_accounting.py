@@ -128,7 +128,8 @@ def test_accountant_merges_consecutive_identical_steps():
         acc.step(0.01, 1.0)
     acc.step(0.02, 1.0, count=10)
     acc.step(0.01, 1.0)
-    assert acc.history == [StepRecord(0.01, 1.0, 500), StepRecord(0.02, 1.0, 10), StepRecord(0.01, 1.0, 1)]
+    assert acc.records == [StepRecord(0.01, 1.0, 500), StepRecord(0.02, 1.0, 10), StepRecord(0.01, 1.0, 1)]
+    assert acc.history == [(1.0, 0.01, 500), (1.0, 0.02, 10), (1.0, 0.01, 1)]  # Opacus' (sigma, q, steps)
     assert acc.steps == 511
 
 
@@ -139,7 +140,7 @@ def test_accountant_epsilon_equals_compute_epsilon_and_state_dict_round_trips():
     restored = Accountant()
     restored.load_state_dict(acc.state_dict())
     assert restored.kind == "rdp"
-    assert restored.history == acc.history
+    assert restored.records == acc.records
     assert restored.get_epsilon(1e-5) == acc.get_epsilon(1e-5)
     single = Accountant("rdp")
     single.step(0.01, 1.0, count=300)

@@ -354,7 +354,7 @@ def smallest_noise_multiplier(
 
 
 class Accountant:
-    """The history of a training run's steps, composed on demand by a dp_accounting accountant.
+    """The record of a training run's steps (``records``), composed on demand by a dp_accounting accountant.
 
     Consecutive steps with the same (sample_rate, noise_multiplier) are merged, so the history of a run with one
     setting is a single record whatever its length.
@@ -363,7 +363,7 @@ class Accountant:
     def __init__(self, kind: str = "pld") -> None:
         check_accountant(kind)
         self.kind = kind
-        self.history: list[StepRecord] = []
+        self.records: list[StepRecord] = []
 
     def step(self, sample_rate: float, noise_multiplier: float, count: int = 1) -> None:
         check_sample_rate(sample_rate)
@@ -371,32 +371,38 @@ class Accountant:
         check_steps(count, "count")
         if count == 0:
             return
-        last = self.history[-1] if self.history else None
+        last = self.records[-1] if self.records else None
         if last and last.sample_rate == sample_rate and last.noise_multiplier == noise_multiplier:
-            self.history[-1] = StepRecord(sample_rate, noise_multiplier, last.count + count)
+            self.records[-1] = StepRecord(sample_rate, noise_multiplier, last.count + count)
         else:
-            self.history.append(StepRecord(sample_rate, noise_multiplier, count))
+            self.records.append(StepRecord(sample_rate, noise_multiplier, count))
+
+    @property
+    def history(self) -> list[tuple[float, float, int]]:
+        """Opacus' ``accountant.history``: one ``(noise_multiplier, sample_rate, steps)`` tuple per run of identical
+        steps (``records`` holds them as :class:`StepRecord`)."""
+        return [(r.noise_multiplier, r.sample_rate, r.count) for r in self.records]
 
     @property
     def steps(self) -> int:
-        return sum(r.count for r in self.history)
+        return sum(r.count for r in self.records)
 
     def mechanism(self) -> str:
         """The accountant's name ("pld" or "rdp"), as Opacus' ``accountant.mechanism()``."""
         return self.kind
 
     def __len__(self) -> int:
-        """The number of history records (runs of identical steps), as ``len(accountant)`` in Opacus."""
-        return len(self.history)
+        """The number of records (runs of identical steps), as ``len(accountant)`` in Opacus."""
+        return len(self.records)
 
     def event(self) -> dp_accounting.DpEvent:
-        return dp_accounting.ComposedDpEvent([r.to_event() for r in self.history])
+        return dp_accounting.ComposedDpEvent([r.to_event() for r in self.records])
 
     def get_epsilon(self, delta: float) -> float:
-        if not self.history:
+        if not self.records:
             check_delta(delta)
             return 0.0
-        if any(r.noise_multiplier == 0 for r in self.history):
+        if any(r.noise_multiplier == 0 for r in self.records):
             check_delta(delta)
             return math.inf
         return epsilon_of_event(self.event(), delta, self.kind)
@@ -404,10 +410,10 @@ class Accountant:
     def state_dict(self) -> dict:
         return {
             "kind": self.kind,
-            "history": [(r.sample_rate, r.noise_multiplier, r.count) for r in self.history],
+            "history": [(r.sample_rate, r.noise_multiplier, r.count) for r in self.records],
         }
 
     def load_state_dict(self, state: dict) -> None:
         check_accountant(state["kind"])
         self.kind = state["kind"]
-        self.history = [StepRecord(float(q), float(s), int(n)) for q, s, n in state["history"]]
+        self.records = [StepRecord(float(q), float(s), int(n)) for q, s, n in state["history"]]

@@ -277,13 +277,13 @@ def _run_training(config: RunConfig, output_dir: str | os.PathLike[str] | None, 
     def epsilon_now() -> float | None:
         if engine is None:
             return None
-        if not engine.accountant.history:
+        if not engine.accountant.records:
             return 0.0
         if engine.accountant.kind == "rdp":
             return engine.accountant.get_epsilon(pc.delta)
 
         # Coarse PLD (pessimistic: never below the exact value) keeps per-epoch accounting to milliseconds.
-        return composed_epsilon(engine.accountant.history, pc.delta, COARSE_PLD_VALUE_DISCRETIZATION)
+        return composed_epsilon(engine.accountant.records, pc.delta, COARSE_PLD_VALUE_DISCRETIZATION)
 
     display.start(config.name, planned_steps, {"privacy": privacy, "dataset": info, "ledger": ledger_before})
     try:

@@ -51,10 +51,11 @@ class IndependenceCheck:
         try:
             # A few examples suffice to see a coupling, and keep the extra passes' memory small.
             keep = min(sizes[0], SUB_BATCH)
-            grads, firsts = self._gradients(module, self._narrow(leaves, sizes[0], keep), spec, keep)
+            narrowed = self._narrow(leaves, sizes[0], keep)
+            grads, firsts = self._gradients(module, narrowed, spec, keep)
         except Exception:  # a forward that needs the whole batch (a state of the batch's size passed in)
-            keep = sizes[0]
-            grads, firsts = self._gradients(module, leaves, spec, keep)
+            keep, narrowed = sizes[0], list(leaves)
+            grads, firsts = self._gradients(module, narrowed, spec, keep)
         if grads is None and not firsts:
             return
         self.checked = True
@@ -67,7 +68,6 @@ class IndependenceCheck:
                     "clipping no longer bounds any example's influence. Normalise per example (LayerNorm, "
                     "GroupNorm) instead"
                 )
-        narrowed = self._narrow(leaves, sizes[0], keep)
         for i in range(min(keep, SUB_BATCH)):
             copies = [t.narrow(self.batch_dim, i, 1).expand_as(t).clone() if self._batched(t, keep) else t
                       for t in narrowed]  # fmt: skip
@@ -88,8 +88,6 @@ class IndependenceCheck:
 
     def _narrow(self, leaves: list, batch: int, keep: int) -> list:
         """The call's arguments cut to their first ``keep`` of ``batch`` examples."""
-        if keep == batch:
-            return list(leaves)
         return [t.narrow(self.batch_dim, 0, keep) if self._batched(t, batch) else t for t in leaves]
 
     def _batched_outputs(self, module: nn.Module, leaves: list, spec: object, keep: int) -> list[torch.Tensor]:
@@ -107,7 +105,7 @@ class IndependenceCheck:
         """The forward pass on ``leaves`` (``keep`` examples) again: the gradients of example 0's outputs with respect
         to the batched floating-point inputs and embedding outputs (None: nothing to differentiate), and the
         batched outputs, detached."""
-        leaves = list(leaves)
+        leaves = list(leaves)  # its float inputs are replaced by leaves below: the caller's list stays as it was
         batched = [
             i for i, t in enumerate(leaves)
             if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() > self.batch_dim

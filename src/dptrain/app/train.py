@@ -135,25 +135,23 @@ def _open_ledger(config: LedgerConfig, delta: float, create: bool = True) -> Any
     return ledger
 
 
-def weak_delta(config: RunConfig, num_train: int) -> bool:
-    """Whether the run's delta is >= 1/N; refused (ConfigError) unless ``[privacy] allow_weak_delta = true``."""
+def _refuse_weak_delta(config: RunConfig, num_train: int) -> None:
+    """ConfigError for a delta >= 1/N unless ``[privacy] allow_weak_delta = true`` (the privacy settings then flag
+    it for the card)."""
     pc = config.privacy
-    if pc is None or pc.delta < 1.0 / num_train:
-        return False
-    if not pc.allow_weak_delta:
+    if pc is not None and pc.delta >= 1.0 / num_train and not pc.allow_weak_delta:
         raise ConfigError([
             f"[privacy] delta = {pc.delta:g} >= 1/N = {1.0 / num_train:.3g} ({num_train} training examples): a "
             "mechanism that publishes one random example in full satisfies it; choose delta well below 1/N (e.g. "
             f"{num_train ** -1.1:.1g}), or set allow_weak_delta = true (the privacy card then says so)"
         ], "config")  # fmt: skip
-    return True
 
 
 def check_run(config: RunConfig) -> LoadedData:
     """What :func:`run_training` checks before its first step, without training or writing any file: the data
     (loaded and validated), delta against the number of training examples, and the ledger (read, never created)."""
     data = load_dataset(config.dataset)
-    weak_delta(config, len(data.train))
+    _refuse_weak_delta(config, len(data.train))
     if config.ledger is not None and config.privacy is not None:
         _open_ledger(config.ledger, config.privacy.delta, create=False)
     return data
@@ -220,7 +218,7 @@ def _run_training(config: RunConfig, output_dir: str | os.PathLike[str] | None, 
     started, clock = now(), time.perf_counter()
     data = load_dataset(config.dataset)
     info = data.info
-    weak_delta(config, len(data.train))
+    _refuse_weak_delta(config, len(data.train))
     tc, pc = config.training, config.privacy
     torch.manual_seed(config.seed)
     model = build_model(info["num_features"], info["num_classes"], config.model)

@@ -31,13 +31,14 @@ import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-MODELS = ("mlp", "cnn", "lm", "gpt2", "gpt2-mid")
+MODELS = ("mlp", "cnn", "lm", "gpt2", "gpt2-mid", "nanogpt-style")
 ENGINES = (
     "non-private",
     "dptrain-auto",
@@ -111,6 +112,19 @@ def build(model_name: str, device: str):
 
         def loss_fn(model, x, y):
             return F.cross_entropy(model(x).logits.flatten(0, 1), y.flatten())
+
+    elif model_name == "nanogpt-style":
+        # The GPT of tests/nanogpt.py (issue #10): its own F.layer_norm LayerNorm, unbatched position ids, SDPA,
+        # tied head, the loss computed inside forward. 2 layers, d=128, T=64, batch 16 (the same on CUDA).
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from nanogpt import GPT, GPTConfig
+
+        vocab, steps, batch = 256, 64, 16
+        model = GPT(GPTConfig(block_size=steps, vocab_size=vocab, n_layer=2, n_head=4, n_embd=128))
+        x, y = torch.randint(0, vocab, (batch, steps)), torch.randint(0, vocab, (batch, steps))
+
+        def loss_fn(model, x, y):
+            return model(x, y)[1]
 
     else:
         raise ValueError(f"unknown model {model_name!r}; choose from {MODELS}")

@@ -394,7 +394,7 @@ class PrivacyEngine(CheckpointMethods):
         # The state guard's hooks first: a forward pass that changed the model is refused as such, before the
         # independence check runs it again.
         state_guard = StateGuard(hooked)
-        independence = IndependenceCheck(hooked, grad_sampler.guard, 0 if batch_first else 1)
+        independence = IndependenceCheck(hooked, grad_sampler.guard, 0 if batch_first else 1, loss_reduction)
         self._attached.append(_Attachment(module, hooked, dp_optimizer, sampling, rank, state_guard, independence))
         self.privacy_unit = privacy_unit
         if self._pending_optimizer_states:

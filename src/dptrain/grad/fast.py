@@ -19,6 +19,7 @@ from a torch.func replay of the whole model. A parameter that receives gradient 
 from __future__ import annotations
 
 import types
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,6 @@ from dptrain.grad.base import (
     MaterializedGradients,
     PerExampleGradients,
     ReplayGuard,
-    example_zero_objective,
     same_layout,
 )
 from dptrain.grad.layers import (
@@ -39,8 +39,17 @@ from dptrain.grad.layers import (
     rule_for,
 )
 from dptrain.grad.layers.attention import attention_forward, can_decompose
-from dptrain.grad.example_dims import BROADCAST, CONFLICT, candidate_dims, leading_dims, probe_verdict
+from dptrain.grad.example_dims import (
+    CONFLICT,
+    EXPANDED,
+    UNBATCHED,
+    ForwardProbe,
+    candidate_dims,
+    expand_to_batch,
+    leading_dims,
+)
 from dptrain.grad.fast_gradients import FastGradients
+from dptrain.grad.functional import FunctionalOwner, FunctionalWatch
 from dptrain.grad.vmap import VmapGradSampler
 
 #: Layers whose forward uses their children's parameters directly (not by calling the children), so the whole
@@ -133,8 +142,7 @@ class FastGradSampler(GradSampler):
         # by a probe of the forward pass (``_probe``), whose verdicts for the current pass are kept.
         self._learned: dict[tuple[nn.Module, int], int] = {}
         self._verdicts: tuple[int, dict[tuple[nn.Module, int], int]] = (0, {})
-        self._probed: list | None = None  # the layer calls of a probe while it runs
-        self._probe_weights = torch.Generator().manual_seed(0)  # not the user's generator
+        self.probe = ForwardProbe(self.guard, self.batch_dim)
         # The current forward pass's (args, kwargs) and their leaves (their batch dimension is the declared one).
         self._root_call: tuple[tuple, dict] | None = None
         self._root_inputs: list = []
@@ -144,13 +152,19 @@ class FastGradSampler(GradSampler):
         # Parameters of rule layers that received an autograd gradient while those are suspended: an outside use.
         self._outside_use: set[nn.Parameter] = set()
         self._decomposed: list[nn.Module] = []
+        # Modules without a rule that own parameters (``dptrain.grad.functional``), their stand-ins' owners, and the
+        # parameters of those that went to their fallback.
+        self._functional: list[tuple[FunctionalOwner, VmapGradSampler]] = []
+        self._standin_owner: dict[nn.Module, FunctionalOwner] = {}
+        self._fallen_back: set[nn.Parameter] = set()
         # Hooks are closures that check the module they were registered on: a deep copy of the model shares them
         # (copy.deepcopy does not copy functions), and they leave the copy alone.
         before, after = self._root_forward_hook(module)
         self._handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
-        self._handles.append(module.register_forward_hook(after, always_call=True))
         watched: dict[nn.Parameter, None] = {}
         self._plan(module, "", batch_first, watched)
+        # After the layers' hooks: a model that is itself a rule layer still sees its input as the model's input.
+        self._handles.append(module.register_forward_hook(after, always_call=True))
         # After the layers' hooks: a model that is itself a rule layer can enable the replay in its own forward hook.
         self._root_replay = VmapGradSampler(
             module, batch_first=batch_first, loss_reduction=loss_reduction, guard=self.guard, enabled=False
@@ -192,26 +206,85 @@ class FastGradSampler(GradSampler):
             return
         direct = [p for p in module.parameters(recurse=False) if p.requires_grad]
         if direct:
-            self._add_fallback(module, direct, batch_first)
+            self._add_functional(module, direct, batch_first)
+            watched.update(dict.fromkeys(direct))
         for name, child in module.named_children():
             self._plan(child, f"{path}.{name}" if path else name, batch_first, watched)
 
     def _add_fallback(self, module: nn.Module, params: list[nn.Parameter], batch_first: bool) -> None:
+        self.fallbacks.append((self._fallback_sampler(module, batch_first, enabled=True), params))
+
+    def _fallback_sampler(self, module: nn.Module, batch_first: bool, enabled: bool) -> VmapGradSampler:
         kwarg_dims, arg_dims = None, None
         if isinstance(module, nn.MultiheadAttention):
             # key_padding_mask is (B, S) whatever the layout; attn_mask is shared (L, S) or (B*heads, L, S).
             kwarg_dims = {"key_padding_mask": 0, "attn_mask": None}
         elif isinstance(module, nn.RNNBase):
             arg_dims = {1: 1}  # the initial state hx is (layers, B, H) whatever the layout
-        sampler = VmapGradSampler(
+        return VmapGradSampler(
             module,
             batch_first=_batch_first_of(module, batch_first),
             loss_reduction="mean" if self.scale_by_batch else "sum",
             guard=self.guard,
             kwarg_batch_dims=kwarg_dims,
             arg_batch_dims=arg_dims,
+            enabled=enabled,
         )
-        self.fallbacks.append((sampler, params))
+
+    def _add_functional(self, module: nn.Module, params: list[nn.Parameter], batch_first: bool) -> None:
+        """A module without a rule that owns ``params``: its functional calls on them get the built-in layers'
+        rules (``dptrain.grad.functional``); any other use of them hands it to its fallback (disabled until then)."""
+        owner = FunctionalOwner(module, params)
+        sampler = self._fallback_sampler(module, batch_first, enabled=False)
+        self._functional.append((owner, sampler))
+
+        def on_call(rule: LayerRule, standin: nn.Module, func, args: tuple, kwargs: dict) -> torch.Tensor:
+            self._standin_owner[standin] = owner
+            output = func(*args, **kwargs)
+            activation = args[0] if args else kwargs.get("input")
+            if self.guard.active:  # a probe of the forward pass
+                if self.probe.running and isinstance(output, torch.Tensor) and isinstance(activation, torch.Tensor):
+                    expanded = self.probe.seen(standin, activation, output)
+                    return output if expanded is None else expanded
+                return output
+            replaced = self._after_layer_call(rule, standin, activation, output, bool(owner.suspended))
+            return output if replaced is None else replaced
+
+        def on_other_use() -> None:
+            if self.guard.active or owner.fallback_from is not None:
+                return
+            owner.fallback_from = self._forwards
+            for p in owner.suspended:
+                p.requires_grad_(True)
+            owner.suspended = []
+            sampler.enabled, sampler.batch_tag = True, self._batch_tag
+            self.fallbacks.append((sampler, params))
+            self._fallen_back.update(params)
+
+        def enter(layer: nn.Module, args: tuple) -> None:
+            if layer is not module or owner.fallback_from is not None or not torch.is_grad_enabled():
+                return
+            if self.guard.active and not self.probe.running:
+                return
+            if self._skip_autograd_weight_grads and not self.guard.active:  # as for rule layers (_suspend_hook)
+                owner.suspended = [p for p in params if p.requires_grad]
+                for p in owner.suspended:
+                    p.requires_grad_(False)
+            owner.watch = FunctionalWatch(owner, on_call, on_other_use, rule_for)
+            owner.watch.__enter__()
+
+        def leave(layer: nn.Module, args: tuple, output) -> None:
+            if layer is not module:
+                return
+            watch, owner.watch = owner.watch, None
+            if watch is not None:
+                watch.__exit__(None, None, None)
+            for p in owner.suspended:
+                p.requires_grad_(True)
+            owner.suspended = []
+
+        self._handles.append(module.register_forward_pre_hook(enter))
+        self._handles.append(module.register_forward_hook(leave, always_call=True))
 
     def _root_forward_hook(self, root: nn.Module):
         def on_root_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -248,7 +321,7 @@ class FastGradSampler(GradSampler):
     def _on_accumulated(self, p: nn.Parameter) -> None:
         """A rule layer's parameter got an autograd gradient: while those are suspended, from a use outside the
         layer's calls (refused at collect, unless the parameter is replayed)."""
-        if self._skip_autograd_weight_grads and not self.guard.active:
+        if self._skip_autograd_weight_grads and not self.guard.active and p not in self._fallen_back:
             self._outside_use.add(p)
 
     def _fast_hook(self, rule: LayerRule, layer: nn.Module):
@@ -258,50 +331,72 @@ class FastGradSampler(GradSampler):
             suspended = self._suspended.pop(module, ())
             for p in suspended:  # runs even when forward raised (always_call)
                 p.requires_grad_(True)
-            if self._probed is not None and args and isinstance(output, torch.Tensor):
-                self._probed.append((module, args[0], output))
-            if self.guard.active or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
-                return None
-            replaced = None
-            if not output.requires_grad:
-                if not suspended:
-                    return None
-                # The input carries no gradient (a first layer) and the parameters were suspended: route the
-                # output through a tap so that the backward pass still delivers its gradient.
-                replaced = output = _OutputGradientTap.apply(output, self._tap_anchor)
-            batch_size = self._batch_size
-            if batch_size is None or module in self._unbatched_layers:
-                return replaced
-            if not args or not isinstance(args[0], torch.Tensor):  # called with keywords: the replay attributes it
-                self._replay_whole_model(module)
-                return replaced
-            activation = args[0].detach()
-            dim = self._example_dim(rule, module, activation, output, batch_size)
-            if dim is None:
-                return replaced
-            if dim == BROADCAST:
-                # Give each example its own view of the output, so that the backward pass yields per-example output
-                # gradients; broadcasting sees the same values.
-                activation = activation.expand(batch_size, *activation.shape[1:])
-                replaced = output = output.expand(batch_size, *output.shape[1:])
-                dim = 0
-            elif dim != 0:
-                activation = activation.movedim(dim, 0)
-            self._record(rule, module, activation, output, dim)
-            return replaced
+            if self.probe.running and args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
+                return self.probe.seen(module, args[0], output)
+            return self._after_layer_call(rule, module, args[0] if args else None, output, bool(suspended))
 
         return on_forward
 
-    def _example_dim(
-        self, rule: LayerRule, module: nn.Module, activation: torch.Tensor, output: torch.Tensor, batch_size: int
-    ) -> int | None:
-        """The dimension of this call's input (and output) that carries the examples, or ``BROADCAST``; None when
-        the call's gradients come from the replay of the whole model instead (never a guess)."""
-        dims = candidate_dims(activation, leading_dims(rule, module, activation), batch_size)
+    def _after_layer_call(
+        self, rule: LayerRule, module: nn.Module, given: object, output: object, suspended: bool
+    ) -> torch.Tensor | None:
+        """A rule layer's call ran (``given``: its input): record it; the output to use instead, if any."""
+        if self.guard.active or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
+            return None
+        replaced = None
+        if not output.requires_grad:
+            if not suspended:
+                return None
+            # The input carries no gradient (a first layer) and the parameters were suspended: route the
+            # output through a tap so that the backward pass still delivers its gradient.
+            replaced = output = _OutputGradientTap.apply(output, self._tap_anchor)
+        batch_size = self._batch_size
+        if batch_size is None or module in self._unbatched_layers:
+            return replaced
+        if not isinstance(given, torch.Tensor):  # called with keywords: the replay attributes it
+            self._replay_whole_model(module)
+            return replaced
+        activation = given.detach()
+        dim = self._example_dim(module, given, batch_size)
+        if dim is None:
+            return replaced
+        if dim == UNBATCHED and batch_size == 1:  # the one example's: a batch dimension for the rule only
+            activation = activation.unsqueeze(0)
+        elif dim in EXPANDED:
+            # Give each example its own view of the output, so that the backward pass yields per-example output
+            # gradients; broadcasting sees the same values (checked by the probe).
+            activation = expand_to_batch(activation, dim, batch_size)
+            replaced = output = expand_to_batch(output, dim, batch_size)
+            dim = 0
+        elif dim != 0:
+            activation = activation.movedim(dim, 0)
+        self._record(rule, module, activation, output, dim)
+        return replaced
+
+    def _candidates(self, module: nn.Module, activation: torch.Tensor, batch_size: int) -> list[int]:
+        """Where this call's examples may be (``candidate_dims``). An input that takes no gradient and is not one of
+        the model's own inputs may have no batch dimension at all: when no dimension fits, and otherwise when it is
+        a vector of token ids (position ids (T,), T == B by chance) or one of the model's buffers (a table shared by
+        all examples)."""
+        leading = leading_dims(rule_for(module), module, activation)
+        dims = candidate_dims(activation, leading, batch_size)
+        if activation.requires_grad or self._is_root_input(activation):
+            return dims
+        if not dims or (activation.dim() == 1 and not activation.is_floating_point()) or self._is_buffer(activation):
+            return candidate_dims(activation, leading, batch_size, unbatched=True)
+        return dims
+
+    def _is_buffer(self, activation: torch.Tensor) -> bool:
+        return any(same_layout(activation, b) for b in self.module.buffers())
+
+    def _example_dim(self, module: nn.Module, activation: torch.Tensor, batch_size: int) -> int | None:
+        """The dimension of this call's input (and output) that carries the examples, or an ``EXPANDED``
+        candidate; None when the call's gradients come from the replay of the whole model instead (never a guess)."""
+        dims = self._candidates(module, activation, batch_size)
         if batch_size <= 1 and dims:
             return dims[0]  # no or one example: every fitting dimension attributes the same
         key = (module, activation.dim())
-        if len(dims) == 1:
+        if len(dims) == 1 and dims[0] not in EXPANDED:
             if self._learned.setdefault(key, dims[0]) != dims[0]:
                 self._learned[key] = CONFLICT
             return dims[0]
@@ -316,7 +411,9 @@ class FastGradSampler(GradSampler):
         else:
             forward, verdicts = self._verdicts
             if forward != self._forwards and self._root_call is not None:
-                verdicts = self._probe(batch_size)
+                args, kwargs = self._root_call
+                candidates = partial(self._candidates, batch_size=batch_size)
+                verdicts = self.probe.run(self.module, args, kwargs, batch_size, candidates)
                 self._verdicts = (self._forwards, verdicts)
             verdict = verdicts.get(key)
         if verdict not in dims:  # undecided (or called outside the model's forward): the replay attributes it
@@ -330,32 +427,6 @@ class FastGradSampler(GradSampler):
         """Whether ``activation`` is one of the module's inputs (the same elements in the same layout)."""
         return any(same_layout(activation, t) for t in self._root_inputs if isinstance(t, torch.Tensor))
 
-    def _probe(self, batch_size: int) -> dict[tuple[nn.Module, int], int]:
-        """Which dimension carries the examples at each rule layer, where several fit: the current forward pass run
-        again (random generators forked, so the user's stream and dropout are unaffected; no hook records) and the
-        gradient of example 0's outputs taken with respect to every rule layer's output (``probe_verdict``)."""
-        args, kwargs = self._root_call
-        leaves = [t for t in self._root_inputs if isinstance(t, torch.Tensor)]
-        cuda = sorted({t.device.index for t in leaves if t.is_cuda})
-        self._probed = []
-        try:
-            with torch.random.fork_rng(devices=cuda), self.guard.replaying(), torch.enable_grad():
-                outputs = torch.utils._pytree.tree_flatten(self.module(*args, **kwargs))[0]
-                target = example_zero_objective(outputs, self.batch_dim, batch_size, self._probe_weights)
-                probed = [(m, a, o) for m, a, o in self._probed if o.requires_grad]
-                if target is None or not probed:
-                    return {}
-                grads = torch.autograd.grad(target, [o for _, _, o in probed], allow_unused=True)
-        finally:
-            self._probed = None
-        verdicts: dict[tuple[nn.Module, int], int | None] = {}
-        for (module, activation, _), grad in zip(probed, grads):
-            dims = candidate_dims(activation, leading_dims(rule_for(module), module, activation), batch_size)
-            if len(dims) > 1:
-                key, verdict = (module, activation.dim()), probe_verdict(dims, grad)
-                verdicts[key] = verdict if verdicts.get(key, verdict) == verdict else None  # calls must agree
-        return {key: v for key, v in verdicts.items() if v is not None}
-
     def _record(
         self, rule: LayerRule, module: nn.Module, activation: torch.Tensor, output: torch.Tensor, batch_dim: int
     ) -> None:
@@ -366,7 +437,9 @@ class FastGradSampler(GradSampler):
 
         def on_output_grad(grad: torch.Tensor) -> None:
             g = grad.detach()
-            if batch_dim != 0:
+            if batch_dim == UNBATCHED:
+                g = g.unsqueeze(0)
+            elif batch_dim != 0:
                 g = g.movedim(batch_dim, 0)
             call = LayerCall(module, activation, g)
             call_rule = rule
@@ -379,8 +452,14 @@ class FastGradSampler(GradSampler):
         output.register_hook(on_output_grad)
 
     def _replay_whole_model(self, module: nn.Module) -> None:
-        """From now on, ``module``'s parameters get their per-example gradients from a replay of the whole model."""
-        self._unbatched_layers.update(module.modules())
+        """From now on, ``module``'s parameters get their per-example gradients from a replay of the whole model
+        (a stand-in's: its owner's, with all the owner's stand-ins)."""
+        owner = self._standin_owner.get(module)
+        layers = set((owner.module if owner is not None else module).modules())
+        for functional, _ in self._functional:
+            if functional.module in layers:
+                layers.update(functional.standins.values())
+        self._unbatched_layers.update(layers)
         if self._replay_from is None:  # it records forward passes from the current one on
             self._replay_from = self._forwards
             self._root_replay.enabled = True
@@ -446,6 +525,9 @@ class FastGradSampler(GradSampler):
             if tag is not _UNTAGGED:
                 tags.add(tag)
             late = replay_from is not None and forward >= replay_from
+            owner = self._standin_owner.get(call.module)
+            if owner is not None and owner.fallback_from is not None and forward >= owner.fallback_from:
+                continue  # that forward pass of the owner is its fallback's
             if late and call.module in self._unbatched_layers:
                 continue
             mine = {n: p for n, p in call.module.named_parameters(recurse=False) if p in wanted}
@@ -526,6 +608,6 @@ class FastGradSampler(GradSampler):
             del module.forward
         self._decomposed = []
         self._root_replay.detach()
-        for sampler, _ in self.fallbacks:
-            sampler.detach()
+        for sampler in [sampler for sampler, _ in self.fallbacks] + [sampler for _, sampler in self._functional]:
+            sampler.detach()  # twice for a functional layer that fell back: harmless
         self._calls = []

@@ -113,8 +113,10 @@ class VmapGradSampler(GradSampler):
         self._rng_before = (devices, _generator_states(devices))
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self.guard.active or not torch.is_grad_enabled():
+            return  # a probe or replay inside the user's forward pass: the states kept are that pass's
         rng_before, self._rng_before = self._rng_before, None
-        if not self.enabled or self.guard.active or not torch.is_grad_enabled():
+        if not self.enabled:
             return
         leaves = tree_flatten(output)[0]
         tracked = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
@@ -131,6 +133,8 @@ class VmapGradSampler(GradSampler):
             if not used:
                 return
             for _, g in used:
+                if g.dim() == 0 and g.is_floating_point():
+                    continue  # a loss the model returns: a mean (sum) of per-example losses (IndependenceCheck)
                 if g.dim() <= self.batch_dim or g.shape[self.batch_dim] != batch_size:
                     raise RuntimeError(
                         f"an output of {type(module).__name__} with shape {tuple(g.shape)} has no batch dimension "
@@ -141,7 +145,10 @@ class VmapGradSampler(GradSampler):
                 _BackwardRecord(inputs, [i for i, _ in used], [g for _, g in used], batch_size, tags)
             )
 
-        torch.autograd.graph.register_multi_grad_hook([leaves[i] for i in tracked], on_output_grads)
+        if len(tracked) == 1:  # a multi-grad hook does not fire for the root of backward (a loss the model returns)
+            leaves[tracked[0]].register_hook(lambda g: on_output_grads([g]))
+        else:
+            torch.autograd.graph.register_multi_grad_hook([leaves[i] for i in tracked], on_output_grads)
 
     def collect(self, params: list[nn.Parameter]) -> MaterializedGradients | None:
         records, self._records = self._records, []
@@ -178,14 +185,23 @@ class VmapGradSampler(GradSampler):
             {key: dims_of(value, self.kwarg_batch_dims, key) for key, value in kwargs.items()},
         )
 
+        # A 0-dim output (a loss the model returns) is each example's own loss in its replay; example i's share of
+        # its gradient is the gradient over the batch size under a mean.
+        share = 1.0 / batch_size if self.loss_reduction == "mean" else 1.0
+        output_grads = [g * share if g.dim() == 0 else g for g in record.output_grads]
+        grad_dims = tuple(None if g.dim() == 0 else batch_dim for g in output_grads)
+
         def outputs_of(w: dict, inputs: tuple[tuple, dict]) -> tuple:
-            """The module's outputs that received gradients, each still with a batch dimension of size 1."""
+            """The module's outputs that received gradients, each still with a batch dimension of size 1 (0-dim
+            outputs as they are)."""
             leaves = tree_flatten(functional_call(self.module, {**w, **constants}, *inputs))[0]
             return tuple(leaves[i] for i in record.output_indices)
 
         def one_example(weights: dict, inputs: tuple[tuple, dict], output_grads: list[torch.Tensor]) -> dict:
             batched = tree_map(lambda t, d: t.unsqueeze(d) if d is not None else t, inputs, input_dims)
-            _, pullback = vjp(lambda w: tuple(o.select(batch_dim, 0) for o in outputs_of(w, batched)), weights)
+            _, pullback = vjp(
+                lambda w: tuple(o.select(batch_dim, 0) if o.dim() else o for o in outputs_of(w, batched)), weights
+            )
             return pullback(tuple(output_grads))[0]
 
         def example_by_example() -> dict:
@@ -194,7 +210,7 @@ class VmapGradSampler(GradSampler):
             for i in range(batch_size):
                 inputs = tree_map(lambda t, d: t.narrow(d, i, 1) if d is not None else t, record.inputs, input_dims)
                 _, pullback = vjp(lambda w: outputs_of(w, inputs), trainable)
-                grads.append(pullback(tuple(g.narrow(batch_dim, i, 1) for g in record.output_grads))[0])
+                grads.append(pullback(tuple(g.narrow(batch_dim, i, 1) if g.dim() else g for g in output_grads))[0])
             return {name: torch.stack([g[name] for g in grads]) for name in trainable}
 
         devices = _cuda_devices(record.inputs)
@@ -204,8 +220,8 @@ class VmapGradSampler(GradSampler):
             warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
             try:
                 # A random operation raises under vmap here; the per-example loop then draws and is refused below.
-                per_name = vmap(one_example, in_dims=(None, input_dims, batch_dim), randomness="error")(
-                    trainable, record.inputs, record.output_grads
+                per_name = vmap(one_example, in_dims=(None, input_dims, grad_dims), randomness="error")(
+                    trainable, record.inputs, tuple(output_grads)
                 )
             except torch.OutOfMemoryError:
                 raise  # not a missing batching rule: a per-example loop would only hide it

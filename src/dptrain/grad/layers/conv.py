@@ -126,7 +126,7 @@ class ConvRule(LayerRule):
         out = {}
         if trainable(call.module, "weight"):
             x, padding = _padded_input(call)
-            out["weight"] = _weight_grad(call, x, padding, call.output_grad, per_example=True)
+            out["weight"] = _weight_grad(call, x, padding, upcast(call.output_grad), per_example=True)
         if trainable(call.module, "bias"):
             out["bias"] = _bias_grads(call)
         return out

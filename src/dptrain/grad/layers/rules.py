@@ -92,9 +92,14 @@ class LayerCall:
     #: Set by ``squared_norms``: the examples handled exactly, name -> ExactPart (see ``fast_weights``).
     exact: dict[str, ExactPart] = field(default_factory=dict, repr=False)
     batch_size: int = field(init=False)
+    #: Whether the call ran in 16 bits (bf16/fp16 autocast or model): autograd's own gradients then carry 16-bit
+    #: rounding, which the first step's attribution check allows for.
+    half: bool = field(init=False)
 
     def __post_init__(self) -> None:
         self.batch_size = self.output_grad.shape[0]
+        tensors = (self.output_grad, self.activation)
+        self.half = any(t is not None and t.is_floating_point() and t.element_size() == 2 for t in tensors)
 
     @property
     def released(self) -> bool:

@@ -1,30 +1,65 @@
 """Opacus' names and call patterns on dptrain's engine, where its design allows them (issue #10's Opacus surface).
 
-``accountant="prv"`` is computed with PLD, ``"gdp"`` refused; ``clipping="flat"`` only; ghost clipping's
+``accountant="prv"`` is computed with PLD, ``"gdp"`` refused; ``clipping="flat"`` or ``"per_layer"``; ghost clipping's
 ``criterion=`` comes back in Opacus' four-tuple, unchanged; ``save_checkpoint`` / ``load_checkpoint`` write and
 restore the module, the optimizer and the engine's state. ``PrivacyEngine`` mixes in :class:`CheckpointMethods`.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from dptrain.accounting import check_accountant
+from dptrain.accounting import check_accountant, check_positive
 
 
 def check_opacus_options(clipping: str, grad_sample_mode: str, criterion: Any) -> None:
     """Opacus' arguments dptrain takes, checked before anything is attached or reserved."""
-    if clipping != "flat":
+    if clipping not in ("flat", "per_layer"):
         raise ValueError(
             f'clipping={clipping!r} is not supported yet: dptrain clips each example\'s whole gradient to '
-            'max_grad_norm (clipping="flat")'
+            'max_grad_norm (clipping="flat") or each of its parameters\' gradients to its own norm '
+            '(clipping="per_layer", max_grad_norm a list)'
         )
     if (grad_sample_mode == "ghost") != (criterion is not None):
         raise ValueError('grad_sample_mode="ghost" and criterion= go together (Opacus\' ghost clipping API: it '
                          "returns (module, optimizer, criterion, data_loader))")
+
+
+def clipping_norms(clipping: str, max_grad_norm: Any) -> tuple[float, list[float] | None]:
+    """The norm an example's whole clipped gradient is bounded by (the sensitivity the noise is scaled to), and
+    with ``clipping="per_layer"`` the norm of each parameter (Opacus: a list, one per trainable parameter of the
+    optimizer, in its order; the bound is their L2 total)."""
+    if clipping == "flat":
+        if isinstance(max_grad_norm, (list, tuple)):
+            raise ValueError('max_grad_norm is a list: per-parameter norms need clipping="per_layer"')
+        check_positive(max_grad_norm, "max_grad_norm")
+        return max_grad_norm, None
+    if not isinstance(max_grad_norm, (list, tuple)) or not max_grad_norm:
+        raise ValueError(
+            'clipping="per_layer" takes max_grad_norm as a list of norms, one per trainable parameter the optimizer '
+            f"holds (in its order), got {max_grad_norm!r}"
+        )
+    for norm in max_grad_norm:
+        check_positive(norm, "each per-layer max_grad_norm")
+    norms = [float(norm) for norm in max_grad_norm]
+    return math.sqrt(sum(norm * norm for norm in norms)), norms
+
+
+def check_per_layer_norms(norms: list[float] | None, params: list[nn.Parameter], user_level: bool) -> None:
+    if norms is None:
+        return
+    if len(norms) != len(params):
+        raise ValueError(
+            f'clipping="per_layer" needs one max_grad_norm per trainable parameter of the optimizer: it holds '
+            f"{len(params)}, {len(norms)} norms were given"
+        )
+    if user_level:
+        raise ValueError('clipping="per_layer" with privacy_unit="user" is not supported: a user\'s summed gradient '
+                         'is clipped as a whole (clipping="flat")')
 
 
 def opacus_result(made: tuple, criterion: Any) -> tuple:

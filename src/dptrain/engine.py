@@ -28,7 +28,14 @@ from dptrain.accounting import (
     check_noise_multiplier,
     check_positive,
 )
-from dptrain.compat import CheckpointMethods, check_opacus_options, native_accountant, opacus_result
+from dptrain.compat import (
+    CheckpointMethods,
+    check_opacus_options,
+    check_per_layer_norms,
+    clipping_norms,
+    native_accountant,
+    opacus_result,
+)
 from dptrain.grad import make_grad_sampler
 from dptrain.independence import IndependenceCheck
 from dptrain.optim import DPOptimizer
@@ -239,7 +246,8 @@ class PrivacyEngine(CheckpointMethods):
     ) -> tuple[nn.Module, DPOptimizer, DataLoader]:
         """Attach per-example gradient hooks to ``module`` and return it with a DP optimizer and data loader.
 
-        Opacus' arguments: ``clipping="flat"`` (the only one so far), ``grad_sample_mode`` "hooks", "ew", "ghost"
+        Opacus' arguments: ``clipping="flat"`` or ``"per_layer"`` (``max_grad_norm`` a list: each trainable
+        parameter's per-example gradient clipped to its own norm, the noise scaled to their L2 total), ``grad_sample_mode`` "hooks", "ew", "ghost"
         (= "auto") or "functorch" (= "vmap"); with "ghost" and a ``criterion`` the result is Opacus' four-tuple
         (module, optimizer, criterion, data_loader), the criterion unchanged (the engine clips from the ordinary
         backward pass).
@@ -255,12 +263,14 @@ class PrivacyEngine(CheckpointMethods):
         users, and epsilon is per user.
         """
         check_opacus_options(clipping, grad_sample_mode, criterion)
+        max_grad_norm, per_layer = clipping_norms(clipping, max_grad_norm)
         made = self._make_private(
             module=module,
             optimizer=optimizer,
             data_loader=data_loader,
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,
+            per_layer_norms=per_layer,
             poisson_sampling=poisson_sampling,
             loss_reduction=loss_reduction,
             max_physical_batch_size=max_physical_batch_size,
@@ -283,6 +293,7 @@ class PrivacyEngine(CheckpointMethods):
         noise_multiplier: float,
         max_grad_norm: float,
         planned_steps: int | None,
+        per_layer_norms: list[float] | None = None,
         poisson_sampling: bool = True,
         loss_reduction: str = "mean",
         max_physical_batch_size: int | None = None,
@@ -318,6 +329,7 @@ class PrivacyEngine(CheckpointMethods):
         if distributed:
             _stop_ddp_synchronisation(module)
         params = self._private_params(hooked, optimizer)
+        check_per_layer_norms(per_layer_norms, params, users is not None)
         indices, dataset_size = _training_set(data_loader, distributed)
         steps_per_epoch = len(data_loader)
         self.dataset_size = dataset_size
@@ -389,6 +401,7 @@ class PrivacyEngine(CheckpointMethods):
             on_step=record_step,
             distributed=distributed,
             user_reduction=user_reduction if users is not None else None,
+            per_layer_norms=per_layer_norms,
         )
         dp_optimizer.sample_rate = sample_rate
         # The state guard's hooks first: a forward pass that changed the model is refused as such, before the
@@ -424,7 +437,9 @@ class PrivacyEngine(CheckpointMethods):
     ) -> tuple[nn.Module, DPOptimizer, DataLoader]:
         """``make_private`` with the smallest noise multiplier that keeps ``epochs`` epochs within the target."""
         criterion = kwargs.pop("criterion", None)
-        check_opacus_options(kwargs.pop("clipping", "flat"), kwargs.get("grad_sample_mode", "auto"), criterion)
+        clipping = kwargs.pop("clipping", "flat")
+        check_opacus_options(clipping, kwargs.get("grad_sample_mode", "auto"), criterion)
+        max_grad_norm, kwargs["per_layer_norms"] = clipping_norms(clipping, max_grad_norm)
         check_positive(target_epsilon, "target_epsilon")
         check_delta(target_delta, "target_delta")
         if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs <= 0:

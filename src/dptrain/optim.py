@@ -90,17 +90,22 @@ class DPOptimizer(Optimizer):
         on_step: Callable[["DPOptimizer"], None] | None = None,
         distributed: bool = False,
         user_reduction: str | None = None,
+        per_layer_norms: list[float] | None = None,
     ) -> None:
         """With ``distributed``, each rank clips its own examples, the clipped sums are summed across ranks and
         rank 0 alone adds the noise, so each logical step carries the noise once. With ``user_reduction`` ("sum" or
         "mean") the privacy unit is the user: the data loader reports each row's user (``signal.units``), each
-        user's examples' gradients are summed (or averaged) over the whole logical batch and clipped as one."""
+        user's examples' gradients are summed (or averaged) over the whole logical batch and clipped as one. With
+        ``per_layer_norms`` (one per parameter of ``params``; ``max_grad_norm`` is then their L2 total) each
+        parameter's per-example gradient is clipped to its own norm (Opacus' ``clipping="per_layer"``)."""
         # Deliberately no super().__init__: parameter groups and state live in the wrapped optimizer.
         self.original_optimizer = optimizer
         self.params = params
         self.grad_sampler = grad_sampler
         self.noise_multiplier = noise_multiplier
         self.max_grad_norm = max_grad_norm
+        #: Opacus' name for the per-parameter norms of ``clipping="per_layer"`` (None: flat clipping).
+        self.max_grad_norms = per_layer_norms
         self.expected_batch_size = expected_batch_size
         self.random = random
         self.signal = signal or ChunkSignal()
@@ -187,9 +192,24 @@ class DPOptimizer(Optimizer):
         if self.user_reduction is not None:
             self._accumulate_users(grads.materialize(), grads.batch_size)
             return
+        if self.max_grad_norms is not None:
+            self._add_clipped_per_layer(grads.materialize(), self._step_total().views)
+            return
         norms = grads.squared_norms().sqrt()
         self._check_finite(norms, "example")
         grads.add_weighted_sum(clip_factors(norms, self.max_grad_norm), into=self._step_total().views)
+
+    def _add_clipped_per_layer(self, per_example: dict[nn.Parameter, torch.Tensor], into: dict) -> None:
+        """``clipping="per_layer"``: each parameter's per-example gradients clipped to that parameter's norm; an
+        example's whole contribution is then within the L2 total of the norms (``max_grad_norm``)."""
+        for p, max_norm in zip(self.params, self.max_grad_norms):
+            g = per_example.get(p)
+            if g is None:
+                continue
+            g = g.to(into[p].dtype)  # at least float32 (accumulation_dtype)
+            norms = g.flatten(1).square().sum(1).sqrt()
+            self._check_finite(norms, "example")
+            into[p].add_(torch.tensordot(clip_factors(norms, max_norm), g, dims=1))
 
     def _check_finite(self, norms: torch.Tensor, unit: str) -> None:
         if not torch.isfinite(norms).all():

@@ -95,7 +95,8 @@ def test_ghost_clipping_takes_and_returns_the_criterion_as_opacus_does():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"clipping": "per_layer"}, "not supported yet"),
+        ({"clipping": "per_layer"}, "list of norms"),
+        ({"clipping": "automatic"}, "not supported"),
         ({"grad_sample_mode": "ghost"}, "go together"),
         ({"criterion": nn.CrossEntropyLoss()}, "go together"),
         ({"grad_sample_mode": "jacobian"}, "or Opacus'"),

@@ -86,7 +86,7 @@ def test_the_noise_is_scaled_to_the_l2_total_of_the_norms():
         (1.0, "per_layer", "list of norms"),
         ([1.0, 1.0], "per_layer", "holds 6, 2 norms"),
         ([1.0, -1.0, 1.0, 1.0, 1.0, 1.0], "per_layer", "per-layer max_grad_norm"),
-        (1.0, "adaptive", "not supported yet"),
+        (1.0, "automatic", "not supported"),
     ],
 )
 def test_bad_norm_lists_are_refused_before_anything_is_attached(norms, clipping, message):

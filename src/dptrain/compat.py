@@ -2,7 +2,7 @@
 
 ``accountant="prv"`` is computed with PLD, ``"gdp"`` refused; ``clipping="flat"`` or ``"per_layer"``; ghost clipping's
 ``criterion=`` comes back in Opacus' four-tuple, unchanged; ``save_checkpoint`` / ``load_checkpoint`` write and
-restore the module, the optimizer and the engine's state. ``PrivacyEngine`` mixes in :class:`CheckpointMethods`.
+restore the module, the optimizer and the engine's state. ``PrivacyEngine`` mixes in :class:`OpacusMethods` (with ``get_compatible_module``).
 """
 
 from __future__ import annotations
@@ -14,15 +14,17 @@ import torch
 from torch import nn
 
 from dptrain.accounting import check_accountant, check_positive
+from dptrain.adaptive_clipping import AdaptiveClipping
+from dptrain.validators import ModuleValidator
 
 
 def check_opacus_options(clipping: str, grad_sample_mode: str, criterion: Any) -> None:
     """Opacus' arguments dptrain takes, checked before anything is attached or reserved."""
-    if clipping not in ("flat", "per_layer"):
+    if clipping not in ("flat", "per_layer", "adaptive"):
         raise ValueError(
-            f'clipping={clipping!r} is not supported yet: dptrain clips each example\'s whole gradient to '
-            'max_grad_norm (clipping="flat") or each of its parameters\' gradients to its own norm '
-            '(clipping="per_layer", max_grad_norm a list)'
+            f'clipping={clipping!r} is not supported: dptrain clips each example\'s whole gradient to '
+            'max_grad_norm (clipping="flat"), each of its parameters\' gradients to its own norm '
+            '(clipping="per_layer", max_grad_norm a list), or to a bound that tracks a quantile (clipping="adaptive")'
         )
     if (grad_sample_mode == "ghost") != (criterion is not None):
         raise ValueError('grad_sample_mode="ghost" and criterion= go together (Opacus\' ghost clipping API: it '
@@ -30,10 +32,10 @@ def check_opacus_options(clipping: str, grad_sample_mode: str, criterion: Any) -
 
 
 def clipping_norms(clipping: str, max_grad_norm: Any) -> tuple[float, list[float] | None]:
-    """The norm an example's whole clipped gradient is bounded by (the sensitivity the noise is scaled to), and
-    with ``clipping="per_layer"`` the norm of each parameter (Opacus: a list, one per trainable parameter of the
+    """The norm an example's whole clipped gradient is bounded by (the sensitivity the noise is scaled to; with
+    ``clipping="adaptive"``, the first step's), and with ``clipping="per_layer"`` the norm of each parameter (Opacus: a list, one per trainable parameter of the
     optimizer, in its order; the bound is their L2 total)."""
-    if clipping == "flat":
+    if clipping != "per_layer":
         if isinstance(max_grad_norm, (list, tuple)):
             raise ValueError('max_grad_norm is a list: per-parameter norms need clipping="per_layer"')
         check_positive(max_grad_norm, "max_grad_norm")
@@ -49,7 +51,34 @@ def clipping_norms(clipping: str, max_grad_norm: Any) -> tuple[float, list[float
     return math.sqrt(sum(norm * norm for norm in norms)), norms
 
 
-def check_per_layer_norms(norms: list[float] | None, params: list[nn.Parameter], user_level: bool) -> None:
+ADAPTIVE_OPTIONS = (
+    "target_unclipped_quantile", "clipbound_learning_rate", "max_clipbound", "min_clipbound", "unclipped_num_std"
+)
+
+
+def adaptive_clipping(clipping: str, options: dict[str, Any]) -> AdaptiveClipping | None:
+    """``clipping="adaptive"``'s options (Opacus' names, all required), or None for the other modes (which take
+    none of them)."""
+    unknown = sorted(set(options) - set(ADAPTIVE_OPTIONS))
+    if unknown:
+        raise TypeError(f"make_private() got unexpected keyword arguments {', '.join(unknown)}")
+    if clipping != "adaptive":
+        if options:
+            raise ValueError(f'{", ".join(sorted(options))}: options of clipping="adaptive" only')
+        return None
+    missing = [name for name in ADAPTIVE_OPTIONS if name not in options]
+    if missing:
+        raise ValueError(f'clipping="adaptive" needs {", ".join(missing)} (Opacus\' AdaClipDPOptimizer options)')
+    return AdaptiveClipping(**{name: float(options[name]) for name in ADAPTIVE_OPTIONS})
+
+
+def check_clipping_mode(
+    norms: list[float] | None, adaptive: AdaptiveClipping | None, params: list, user_level: bool, distributed: bool
+) -> None:
+    """What per-layer and adaptive clipping cannot be combined with."""
+    if adaptive is not None and (user_level or distributed):
+        raise ValueError('clipping="adaptive" is not supported with privacy_unit="user" or under '
+                         "DistributedDataParallel yet (the count of unclipped units is per example, on one process)")
     if norms is None:
         return
     if len(norms) != len(params):
@@ -91,8 +120,15 @@ def native_accountant(accountant: str) -> str:
     return accountant
 
 
-class CheckpointMethods:
-    """Opacus' checkpoint methods on top of the engine's ``state_dict`` / ``load_state_dict``."""
+class OpacusMethods:
+    """Opacus' checkpoint methods on top of the engine's ``state_dict`` / ``load_state_dict``, and
+    ``get_compatible_module``."""
+
+    @staticmethod
+    def get_compatible_module(module: nn.Module) -> nn.Module:
+        """Opacus' ``PrivacyEngine.get_compatible_module``: ``ModuleValidator.fix`` (a copy with BatchNorm
+        replaced), then validated (raising ``UnsupportedModuleError`` for what remains)."""
+        return ModuleValidator.fix_and_validate(module)
 
     def save_checkpoint(self, *, path: Any, module: nn.Module, optimizer: Any = None,
                         checkpoint_dict: dict[str, Any] | None = None, **unsupported: Any) -> None:

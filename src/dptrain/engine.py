@@ -28,10 +28,13 @@ from dptrain.accounting import (
     check_noise_multiplier,
     check_positive,
 )
+from dptrain.adaptive_clipping import AdaptiveClipping
 from dptrain.compat import (
-    CheckpointMethods,
+    ADAPTIVE_OPTIONS,
+    OpacusMethods,
+    adaptive_clipping,
+    check_clipping_mode,
     check_opacus_options,
-    check_per_layer_norms,
     clipping_norms,
     native_accountant,
     opacus_result,
@@ -185,7 +188,7 @@ class _Reservation:
     first_step: int
 
 
-class PrivacyEngine(CheckpointMethods):
+class PrivacyEngine(OpacusMethods):
     """Owns the privacy accounting of every model made private with it.
 
     ``accountant``: "pld" (default, tightest) or "rdp". ``secure_mode``: draw sampling and noise from the OS
@@ -243,11 +246,14 @@ class PrivacyEngine(CheckpointMethods):
         user_reduction: str = "sum",
         clipping: str = "flat",
         criterion: Any = None,
+        **clipping_options: float,
     ) -> tuple[nn.Module, DPOptimizer, DataLoader]:
         """Attach per-example gradient hooks to ``module`` and return it with a DP optimizer and data loader.
 
         Opacus' arguments: ``clipping="flat"`` or ``"per_layer"`` (``max_grad_norm`` a list: each trainable
-        parameter's per-example gradient clipped to its own norm, the noise scaled to their L2 total), ``grad_sample_mode`` "hooks", "ew", "ghost"
+        parameter's per-example gradient clipped to its own norm, the noise scaled to their L2 total) or
+        ``"adaptive"`` (``clipping_options``: Opacus' ``target_unclipped_quantile``, ``clipbound_learning_rate``,
+        ``max_clipbound``, ``min_clipbound``, ``unclipped_num_std``; ``dptrain.adaptive_clipping``), ``grad_sample_mode`` "hooks", "ew", "ghost"
         (= "auto") or "functorch" (= "vmap"); with "ghost" and a ``criterion`` the result is Opacus' four-tuple
         (module, optimizer, criterion, data_loader), the criterion unchanged (the engine clips from the ordinary
         backward pass).
@@ -264,6 +270,7 @@ class PrivacyEngine(CheckpointMethods):
         """
         check_opacus_options(clipping, grad_sample_mode, criterion)
         max_grad_norm, per_layer = clipping_norms(clipping, max_grad_norm)
+        adaptive = adaptive_clipping(clipping, clipping_options)
         made = self._make_private(
             module=module,
             optimizer=optimizer,
@@ -271,6 +278,7 @@ class PrivacyEngine(CheckpointMethods):
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,
             per_layer_norms=per_layer,
+            adaptive=adaptive,
             poisson_sampling=poisson_sampling,
             loss_reduction=loss_reduction,
             max_physical_batch_size=max_physical_batch_size,
@@ -294,6 +302,7 @@ class PrivacyEngine(CheckpointMethods):
         max_grad_norm: float,
         planned_steps: int | None,
         per_layer_norms: list[float] | None = None,
+        adaptive: AdaptiveClipping | None = None,
         poisson_sampling: bool = True,
         loss_reduction: str = "mean",
         max_physical_batch_size: int | None = None,
@@ -329,7 +338,9 @@ class PrivacyEngine(CheckpointMethods):
         if distributed:
             _stop_ddp_synchronisation(module)
         params = self._private_params(hooked, optimizer)
-        check_per_layer_norms(per_layer_norms, params, users is not None)
+        check_clipping_mode(per_layer_norms, adaptive, params, users is not None, isinstance(module, DistributedDataParallel))
+        if adaptive is not None:
+            adaptive.gradient_noise_multiplier(noise_multiplier)  # refused before anything is attached
         indices, dataset_size = _training_set(data_loader, distributed)
         steps_per_epoch = len(data_loader)
         self.dataset_size = dataset_size
@@ -402,6 +413,7 @@ class PrivacyEngine(CheckpointMethods):
             distributed=distributed,
             user_reduction=user_reduction if users is not None else None,
             per_layer_norms=per_layer_norms,
+            adaptive=adaptive,
         )
         dp_optimizer.sample_rate = sample_rate
         # The state guard's hooks first: a forward pass that changed the model is refused as such, before the
@@ -440,6 +452,8 @@ class PrivacyEngine(CheckpointMethods):
         clipping = kwargs.pop("clipping", "flat")
         check_opacus_options(clipping, kwargs.get("grad_sample_mode", "auto"), criterion)
         max_grad_norm, kwargs["per_layer_norms"] = clipping_norms(clipping, max_grad_norm)
+        options = {k: kwargs.pop(k) for k in list(kwargs) if k in ADAPTIVE_OPTIONS}
+        kwargs["adaptive"] = adaptive_clipping(clipping, options)
         check_positive(target_epsilon, "target_epsilon")
         check_delta(target_delta, "target_delta")
         if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs <= 0:
@@ -598,6 +612,8 @@ class PrivacyEngine(CheckpointMethods):
                 streams = {rank: s for part in gathered for rank, s in part.items()}
             optimizer = attached.optimizer
             optimizers.append({"steps_taken": optimizer.steps_taken, "streams": streams})
+            if optimizer.adaptive is not None:  # the bound adaptive clipping has reached
+                optimizers[-1]["max_grad_norm"] = optimizer.max_grad_norm
         return {
             "accountant": self.accountant.state_dict(),
             "privacy_unit": self.privacy_unit,
@@ -620,6 +636,8 @@ class PrivacyEngine(CheckpointMethods):
     @staticmethod
     def _restore(attached: _Attachment, state: dict[str, Any]) -> None:
         attached.optimizer.steps_taken = state["steps_taken"]
+        if attached.optimizer.adaptive is not None and "max_grad_norm" in state:
+            attached.optimizer.max_grad_norm = state["max_grad_norm"]
         streams = state.get("streams")
         if streams is None:  # written before sampling streams were saved: the noise stream only
             attached.optimizer.random.load_state_dict(state["random"])

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
+from dptrain.adaptive_clipping import AdaptiveClipping
 from dptrain.grad.base import GradSampler, MaterializedGradients, PerExampleGradients
 from dptrain.randomness import RandomSource
 from dptrain.sampling import ChunkSignal
@@ -91,13 +92,16 @@ class DPOptimizer(Optimizer):
         distributed: bool = False,
         user_reduction: str | None = None,
         per_layer_norms: list[float] | None = None,
+        adaptive: AdaptiveClipping | None = None,
     ) -> None:
         """With ``distributed``, each rank clips its own examples, the clipped sums are summed across ranks and
         rank 0 alone adds the noise, so each logical step carries the noise once. With ``user_reduction`` ("sum" or
         "mean") the privacy unit is the user: the data loader reports each row's user (``signal.units``), each
         user's examples' gradients are summed (or averaged) over the whole logical batch and clipped as one. With
         ``per_layer_norms`` (one per parameter of ``params``; ``max_grad_norm`` is then their L2 total) each
-        parameter's per-example gradient is clipped to its own norm (Opacus' ``clipping="per_layer"``)."""
+        parameter's per-example gradient is clipped to its own norm (Opacus' ``clipping="per_layer"``). With
+        ``adaptive``, ``max_grad_norm`` follows a quantile of the norms (``dptrain.adaptive_clipping``): the gradient
+        noise is then raised to pay for the noisy count, and ``noise_multiplier`` is the combined mechanism's."""
         # Deliberately no super().__init__: parameter groups and state live in the wrapped optimizer.
         self.original_optimizer = optimizer
         self.params = params
@@ -106,6 +110,7 @@ class DPOptimizer(Optimizer):
         self.max_grad_norm = max_grad_norm
         #: Opacus' name for the per-parameter norms of ``clipping="per_layer"`` (None: flat clipping).
         self.max_grad_norms = per_layer_norms
+        self.adaptive = adaptive
         self.expected_batch_size = expected_batch_size
         self.random = random
         self.signal = signal or ChunkSignal()
@@ -197,6 +202,8 @@ class DPOptimizer(Optimizer):
             return
         norms = grads.squared_norms().sqrt()
         self._check_finite(norms, "example")
+        if self.adaptive is not None:
+            self.adaptive.count(norms, self.max_grad_norm)
         grads.add_weighted_sum(clip_factors(norms, self.max_grad_norm), into=self._step_total().views)
 
     def _add_clipped_per_layer(self, per_example: dict[nn.Parameter, torch.Tensor], into: dict) -> None:
@@ -224,7 +231,7 @@ class DPOptimizer(Optimizer):
         (rank 0 alone under ``distributed``; zeros when sigma * C is 0), to which every chunk's clipped sums are
         added in place: no separate buffer of sums next to the noise."""
         if self._total is None:
-            std = self.noise_multiplier * self.max_grad_norm
+            std = self.gradient_noise_multiplier * self.max_grad_norm
             noisy = std > 0 and (not self.distributed or dist.get_rank() == 0)
 
             def fill(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -235,10 +242,20 @@ class DPOptimizer(Optimizer):
             self._total = _StepTotal(self.params, fill)
         return self._total
 
+    @property
+    def gradient_noise_multiplier(self) -> float:
+        """The noise multiplier of the gradient sum: ``noise_multiplier``, or with adaptive clipping the larger one
+        that leaves room for the noisy count (the accountant charges ``noise_multiplier``, the two together)."""
+        if self.adaptive is None:
+            return self.noise_multiplier
+        return self.adaptive.gradient_noise_multiplier(self.noise_multiplier)
+
     def _abandon_logical_step(self) -> None:
         """Forget everything accumulated for the current logical step (after an error in one of its chunks, or when
         the loader moved on before its last chunk), so that no clipped sum of it leaks into a later step's update."""
         self._total = None
+        if self.adaptive is not None:
+            self.adaptive.abandon()
         self._reset_users()
 
     def _reset_users(self) -> None:
@@ -430,6 +447,8 @@ class DPOptimizer(Optimizer):
             self._skip_failed_batch(error, charged=isinstance(error, NonFiniteGradientError))
             raise
         self._noisy_average()
+        if self.adaptive is not None:  # the next step's bound, from this step's noisy count
+            self.max_grad_norm = self.adaptive.next_bound(self.max_grad_norm, self.random, self.expected_batch_size)
         self._logical_batch = None
         for hook in self.step_hooks:  # with the noisy gradients in .grad, before the update (as in Opacus)
             hook(self)

@@ -12,7 +12,7 @@ import ast
 from pathlib import Path
 
 SRC = Path(__file__).parents[1] / "src" / "dptrain"
-LIBRARY_PACKAGES = ("report", "audit", "lm", "federated", "unlearning")
+LIBRARY_PACKAGES = ("report", "audit", "lm", "hf", "federated", "unlearning")
 
 
 def _modules() -> dict[str, Path]:

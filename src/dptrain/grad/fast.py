@@ -6,8 +6,10 @@ per-example gradients); once every example's total norm is known, each layer's c
 kept tensors with the per-example clip factors (Bu et al., ICML 2023): no second backward pass.
 
 nn.MultiheadAttention runs as its pieces (``layers/attention.py``) so that its projections are linear calls with
-their own hooks. Layers without a rule that own parameters fall back to torch.func per-example gradients for that
-layer only (nn.LSTM/GRU, custom layers, attention configurations the decomposition does not cover). A parameter
+their own hooks. A module without a rule that owns parameters gets the built-in layers' rules for its functional
+calls on them (``F.linear``, ``F.layer_norm``, ...: ``functional.py``); otherwise it falls back to torch.func
+per-example gradients for that module only (nn.LSTM/GRU, custom layers, attention configurations the decomposition
+does not cover). A parameter
 used by several layer calls (tied embeddings, a layer applied twice) gets cross terms between the calls' factored
 gradients (``LayerRule.factors``), or, for layers without a factored form, per-example gradients summed over calls.
 
@@ -49,7 +51,8 @@ from dptrain.grad.example_dims import (
     leading_dims,
 )
 from dptrain.grad.fast_gradients import FastGradients
-from dptrain.grad.functional import FunctionalOwner, FunctionalWatch
+from dptrain.grad.attribution import check_attribution, outside_use_error
+from dptrain.grad.functional import FunctionalLayers, FunctionalOwner
 from dptrain.grad.vmap import VmapGradSampler
 
 #: Layers whose forward uses their children's parameters directly (not by calling the children), so the whole
@@ -62,14 +65,6 @@ def _batch_first_of(module: nn.Module, default: bool) -> bool:
 
 
 _UNTAGGED = object()  # the tag of a call recorded while the engine had no ``batch_tag``
-
-
-def _outside_use_error(name: str) -> RuntimeError:
-    return RuntimeError(
-        f"parameter {name} receives gradient outside its layer's forward call (e.g. its weight is used directly in "
-        "another module's forward), so the fast engine cannot attribute it to examples; nothing of this batch is "
-        "released. Use grad_sample_mode='vmap' for this model"
-    )
 
 
 def _needs_fallback(module: nn.Module) -> bool:
@@ -101,7 +96,7 @@ class _OutputGradientTap(torch.autograd.Function):
         return None, None
 
 
-class FastGradSampler(GradSampler):
+class FastGradSampler(FunctionalLayers, GradSampler):
     """Book-keeping per-example clipping with per-layer rules and a per-layer torch.func fallback.
 
     At each call of a rule layer, the dimension of its input that carries the examples is the one leading dimension
@@ -230,61 +225,6 @@ class FastGradSampler(GradSampler):
             arg_batch_dims=arg_dims,
             enabled=enabled,
         )
-
-    def _add_functional(self, module: nn.Module, params: list[nn.Parameter], batch_first: bool) -> None:
-        """A module without a rule that owns ``params``: its functional calls on them get the built-in layers'
-        rules (``dptrain.grad.functional``); any other use of them hands it to its fallback (disabled until then)."""
-        owner = FunctionalOwner(module, params)
-        sampler = self._fallback_sampler(module, batch_first, enabled=False)
-        self._functional.append((owner, sampler))
-
-        def on_call(rule: LayerRule, standin: nn.Module, func, args: tuple, kwargs: dict) -> torch.Tensor:
-            self._standin_owner[standin] = owner
-            output = func(*args, **kwargs)
-            activation = args[0] if args else kwargs.get("input")
-            if self.guard.active:  # a probe of the forward pass
-                if self.probe.running and isinstance(output, torch.Tensor) and isinstance(activation, torch.Tensor):
-                    expanded = self.probe.seen(standin, activation, output)
-                    return output if expanded is None else expanded
-                return output
-            replaced = self._after_layer_call(rule, standin, activation, output, bool(owner.suspended))
-            return output if replaced is None else replaced
-
-        def on_other_use() -> None:
-            if self.guard.active or owner.fallback_from is not None:
-                return
-            owner.fallback_from = self._forwards
-            for p in owner.suspended:
-                p.requires_grad_(True)
-            owner.suspended = []
-            sampler.enabled, sampler.batch_tag = True, self._batch_tag
-            self.fallbacks.append((sampler, params))
-            self._fallen_back.update(params)
-
-        def enter(layer: nn.Module, args: tuple) -> None:
-            if layer is not module or owner.fallback_from is not None or not torch.is_grad_enabled():
-                return
-            if self.guard.active and not self.probe.running:
-                return
-            if self._skip_autograd_weight_grads and not self.guard.active:  # as for rule layers (_suspend_hook)
-                owner.suspended = [p for p in params if p.requires_grad]
-                for p in owner.suspended:
-                    p.requires_grad_(False)
-            owner.watch = FunctionalWatch(owner, on_call, on_other_use, rule_for)
-            owner.watch.__enter__()
-
-        def leave(layer: nn.Module, args: tuple, output) -> None:
-            if layer is not module:
-                return
-            watch, owner.watch = owner.watch, None
-            if watch is not None:
-                watch.__exit__(None, None, None)
-            for p in owner.suspended:
-                p.requires_grad_(True)
-            owner.suspended = []
-
-        self._handles.append(module.register_forward_pre_hook(enter))
-        self._handles.append(module.register_forward_hook(leave, always_call=True))
 
     def _root_forward_hook(self, root: nn.Module):
         def on_root_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -517,7 +457,7 @@ class FastGradSampler(GradSampler):
         if outside & wanted - replayed:
             self.discard()
             names = {p: n for n, p in self.module.named_parameters()}
-            raise _outside_use_error(", ".join(sorted(names.get(p, "?") for p in outside & wanted - replayed)))
+            raise outside_use_error(", ".join(sorted(names.get(p, "?") for p in outside & wanted - replayed)))
         # The replay gives the replayed parameters' whole gradient for the forward passes it recorded: the calls of
         # those passes do not contribute to them.
         calls, owned, tags = [], [], set()
@@ -563,37 +503,10 @@ class FastGradSampler(GradSampler):
         scale = float(batch_size) if self.scale_by_batch else 1.0
         grads = FastGradients(calls, owned, fallback, batch_size, scale, frozenset(tags))
         if not self._checked_attribution:
-            self._check_attribution(grads, wanted)
+            check_attribution(grads, wanted, self.module, self.scale_by_batch)
             self._checked_attribution = True
         self._skip_autograd_weight_grads = self._may_skip_autograd_weight_grads
         return grads
-
-    def _check_attribution(self, grads: FastGradients, wanted: set[nn.Parameter]) -> None:
-        """On the first step, check that the per-example gradients add up to autograd's batch gradient.
-
-        A parameter also used outside its layer's forward call (``F.linear(h, self.embed.weight)`` in a parent)
-        would otherwise lose that part of its gradient silently, unclipped and unaccounted. From the second step,
-        when autograd's gradients of rule layers are suspended, any autograd gradient they get is such a use
-        (``_on_accumulated``).
-        """
-        scale = 1.0 / grads.batch_size if self.scale_by_batch else 1.0
-        ones = torch.full((grads.batch_size,), scale)
-        totals = grads.weighted_sum(ones)
-        names = {p: n for n, p in self.module.named_parameters()}
-        # Replayed parameters are exact by construction (and an example's own gradient may legitimately differ
-        # from its share of the batch gradient, e.g. Embedding(scale_grad_by_freq=True)).
-        replayed = set(grads.fallback.per_param) if grads.fallback is not None else set()
-        # A 16-bit call's autograd gradient is rounded to 16 bits (bf16: 2^-8 relative) where the sum is not.
-        half = {p for (_, call), owned in zip(grads.calls, grads.owned) if call.half for p in owned.values()}
-        for p in wanted - replayed:
-            if p.grad is None:
-                continue
-            total = totals.get(p)
-            total = torch.zeros_like(p) if total is None else total.to(p.grad.dtype)
-            rtol = 3e-2 if p in half or p.dtype.itemsize == 2 else 1e-3
-            tolerance = rtol * max(float(p.grad.abs().max()), 1e-12) + 1e-6
-            if not torch.allclose(total, p.grad, rtol=rtol, atol=tolerance):
-                raise _outside_use_error(names.get(p, "?"))
 
     def discard(self) -> None:
         """Drop pending calls and records. Layers replayed for this step stay so until collect: the backward pass

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from dptrain.grad.layers import LayerRule, rule_for
+
 
 def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
     return args[index] if len(args) > index else kwargs.get(name, default)
@@ -203,3 +205,63 @@ def _returns_metadata(func: Callable) -> bool:
 
 
 _METADATA_PROPERTIES = frozenset(("shape", "dtype", "device", "requires_grad", "ndim", "is_cuda", "layout", "names"))
+
+
+class FunctionalLayers:
+    """``FastGradSampler``'s handling of modules without a rule that own parameters (a mixin: it uses the sampler's
+    hooks, probe, replay guard and fallbacks)."""
+
+    def _add_functional(self, module: nn.Module, params: list[nn.Parameter], batch_first: bool) -> None:
+        """A module without a rule that owns ``params``: its functional calls on them get the built-in layers'
+        rules (``dptrain.grad.functional``); any other use of them hands it to its fallback (disabled until then)."""
+        owner = FunctionalOwner(module, params)
+        sampler = self._fallback_sampler(module, batch_first, enabled=False)
+        self._functional.append((owner, sampler))
+
+        def on_call(rule: LayerRule, standin: nn.Module, func, args: tuple, kwargs: dict) -> torch.Tensor:
+            self._standin_owner[standin] = owner
+            output = func(*args, **kwargs)
+            activation = args[0] if args else kwargs.get("input")
+            if self.guard.active:  # a probe of the forward pass
+                if self.probe.running and isinstance(output, torch.Tensor) and isinstance(activation, torch.Tensor):
+                    expanded = self.probe.seen(standin, activation, output)
+                    return output if expanded is None else expanded
+                return output
+            replaced = self._after_layer_call(rule, standin, activation, output, bool(owner.suspended))
+            return output if replaced is None else replaced
+
+        def on_other_use() -> None:
+            if self.guard.active or owner.fallback_from is not None:
+                return
+            owner.fallback_from = self._forwards
+            for p in owner.suspended:
+                p.requires_grad_(True)
+            owner.suspended = []
+            sampler.enabled, sampler.batch_tag = True, self._batch_tag
+            self.fallbacks.append((sampler, params))
+            self._fallen_back.update(params)
+
+        def enter(layer: nn.Module, args: tuple) -> None:
+            if layer is not module or owner.fallback_from is not None or not torch.is_grad_enabled():
+                return
+            if self.guard.active and not self.probe.running:
+                return
+            if self._skip_autograd_weight_grads and not self.guard.active:  # as for rule layers (_suspend_hook)
+                owner.suspended = [p for p in params if p.requires_grad]
+                for p in owner.suspended:
+                    p.requires_grad_(False)
+            owner.watch = FunctionalWatch(owner, on_call, on_other_use, rule_for)
+            owner.watch.__enter__()
+
+        def leave(layer: nn.Module, args: tuple, output) -> None:
+            if layer is not module:
+                return
+            watch, owner.watch = owner.watch, None
+            if watch is not None:
+                watch.__exit__(None, None, None)
+            for p in owner.suspended:
+                p.requires_grad_(True)
+            owner.suspended = []
+
+        self._handles.append(module.register_forward_pre_hook(enter))
+        self._handles.append(module.register_forward_hook(leave, always_call=True))

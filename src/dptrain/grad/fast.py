@@ -297,7 +297,7 @@ class FastGradSampler(FunctionalLayers, GradSampler):
             self._replay_whole_model(module)
             return replaced
         activation = given.detach()
-        dim = self._example_dim(module, given, batch_size)
+        dim = self._example_dim(module, given, batch_size, rule)
         if dim is None:
             return replaced
         if dim == UNBATCHED and batch_size == 1:  # the one example's: a batch dimension for the rule only
@@ -313,26 +313,29 @@ class FastGradSampler(FunctionalLayers, GradSampler):
         self._record(rule, module, activation, output, dim)
         return replaced
 
-    def _candidates(self, module: nn.Module, activation: torch.Tensor, batch_size: int) -> list[int]:
+    def _candidates(
+        self, module: nn.Module, activation: torch.Tensor, batch_size: int, rule: LayerRule | None = None
+    ) -> list[int]:
         """Where this call's examples may be (``candidate_dims``). An input that takes no gradient and is not one of
         the model's own inputs may have no batch dimension at all: when no dimension fits, and otherwise when it is
         a vector of token ids (position ids (T,), T == B by chance) or one of the model's buffers (a table shared by
         all examples)."""
-        leading = leading_dims(rule_for(module), module, activation)
+        leading = leading_dims(rule or rule_for(module), module, activation)
         dims = candidate_dims(activation, leading, batch_size)
         if activation.requires_grad or self._is_root_input(activation):
             return dims
-        if not dims or (activation.dim() == 1 and not activation.is_floating_point()) or self._is_buffer(activation):
+        ids = not activation.is_floating_point()
+        if not dims or (ids and activation.dim() == 1) or (not ids and self._is_buffer(activation)):
             return candidate_dims(activation, leading, batch_size, unbatched=True)
         return dims
 
     def _is_buffer(self, activation: torch.Tensor) -> bool:
         return any(same_layout(activation, b) for b in self.module.buffers())
 
-    def _example_dim(self, module: nn.Module, activation: torch.Tensor, batch_size: int) -> int | None:
+    def _example_dim(self, module: nn.Module, activation: torch.Tensor, batch_size: int, rule: LayerRule) -> int | None:
         """The dimension of this call's input (and output) that carries the examples, or an ``EXPANDED``
         candidate; None when the call's gradients come from the replay of the whole model instead (never a guess)."""
-        dims = self._candidates(module, activation, batch_size)
+        dims = self._candidates(module, activation, batch_size, rule)
         if batch_size <= 1 and dims:
             return dims[0]  # no or one example: every fitting dimension attributes the same
         key = (module, activation.dim())

@@ -70,6 +70,9 @@ def dense_exact(index: torch.Tensor, grads: torch.Tensor) -> ExactPart:
     return ExactPart(index, add)
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 @dataclass
 class LayerCall:
     """One forward call of a layer and the output gradient its backward produced.
@@ -98,8 +101,7 @@ class LayerCall:
 
     def __post_init__(self) -> None:
         self.batch_size = self.output_grad.shape[0]
-        tensors = (self.output_grad, self.activation)
-        self.half = any(t is not None and t.is_floating_point() and t.element_size() == 2 for t in tensors)
+        self.half = self.output_grad.dtype in _HALF or (self.activation is not None and self.activation.dtype in _HALF)
 
     @property
     def released(self) -> bool:

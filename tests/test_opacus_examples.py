@@ -278,3 +278,24 @@ def test_get_compatible_module_fixes_and_validates():
 
     with pytest.raises(UnsupportedModuleError):
         PrivacyEngine.get_compatible_module(nn.Sequential(nn.Linear(3, 3), nn.utils.parametrizations.spectral_norm(nn.Linear(3, 3))))
+
+
+def test_model_module_is_the_model_itself_as_opacus_code_reads_it():
+    """Opacus code saves ``model._module.state_dict()``: dptrain has no wrapper, so ``_module`` is the model (not a
+    submodule: ``state_dict`` keys and ``modules()`` unchanged), gone after ``detach``."""
+    import copy
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    keys = list(model.state_dict())
+    engine = PrivacyEngine()
+    private, _, _ = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,))), batch_size=4),
+        noise_multiplier=1.0, max_grad_norm=1.0,
+    )  # fmt: skip
+    assert private._module is private
+    assert list(private._module.state_dict()) == keys and len(list(private.modules())) == 4
+    copied = copy.deepcopy(private)
+    assert copied._module is copied
+    engine.detach()
+    assert not hasattr(model, "_module")

@@ -394,6 +394,8 @@ class PrivacyEngine(OpacusMethods):
         grad_sampler = make_grad_sampler(grad_sample_mode, hooked, batch_first, loss_reduction)
         grad_sampler.batch_tag = lambda: signal.chunk_id  # each forward's chunk: accumulation across chunks shows
         _PRIVATE_MODULES.add(hooked)
+        if not hasattr(hooked, "_module"):  # Opacus' GradSampleModule._module: here the model itself (no wrapper)
+            object.__setattr__(hooked, "_module", hooked)  # not a submodule: state_dict and modules() unchanged
 
         def record_step(opt: DPOptimizer) -> None:
             self.accountant.step(sample_rate, opt.noise_multiplier)
@@ -588,6 +590,8 @@ class PrivacyEngine(OpacusMethods):
             attached.independence.detach()
             attached.optimizer.detached = True
             _PRIVATE_MODULES.discard(attached.hooked)
+            if attached.hooked.__dict__.get("_module") is attached.hooked:
+                del attached.hooked.__dict__["_module"]
             if isinstance(attached.module, DistributedDataParallel):
                 attached.module.require_backward_grad_sync = True
                 attached.module.require_forward_param_sync = True

@@ -40,6 +40,9 @@ def sample_space(data_loader: DataLoader) -> torch.Tensor | None:
     """
     sampler = data_loader.sampler
     size = len(data_loader.dataset)
+    if isinstance(data_loader.batch_sampler, PoissonBatchSampler):  # already Poisson (DPDataLoader.from_data_loader)
+        shard = data_loader.batch_sampler.shard
+        return None if len(shard) == size else shard
     if data_loader.batch_sampler is not None and not isinstance(data_loader.batch_sampler, BatchSampler):
         sampler = [i for batch in data_loader.batch_sampler for i in batch]  # a custom batch sampler's examples
     elif isinstance(sampler, (SequentialSampler, DistributedSampler)):
@@ -263,6 +266,23 @@ class DPDataLoader(DataLoader):
         self.signal = signal
         self.max_physical_batch_size = max_physical_batch_size
         self.sample_rate = sample_rate
+
+    @classmethod
+    def from_data_loader(
+        cls, data_loader: DataLoader, generator: torch.Generator | None = None, distributed: bool = False
+    ) -> "DPDataLoader":
+        """Opacus' ``DPDataLoader.from_data_loader``: the loader's dataset, collate function and workers with Poisson
+        batches at rate 1 / len(data_loader), for len(data_loader) batches (``generator``: a seeded
+        ``torch.Generator``; None: the OS). ``make_private`` given it samples at that same rate with the engine's own
+        generator (its batch selection is always the engine's)."""
+        if distributed:
+            raise ValueError("DPDataLoader.from_data_loader(distributed=True) is not supported: make_private on a "
+                             "DistributedDataParallel model samples each rank's shard itself")
+        sample_rate = 1.0 / len(data_loader)
+        sampler = PoissonBatchSampler(
+            len(data_loader.dataset), sample_rate, len(data_loader), RandomSource(generator=generator)
+        )
+        return cls(data_loader, sampler, ChunkSignal(), sample_rate=sample_rate)
 
     def __iter__(self) -> Iterator[Any]:
         for batch in super().__iter__():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -53,3 +54,29 @@ def test_batch_memory_manager_refuses_a_loader_that_is_not_private():
     _, _, loader = _private()
     with pytest.raises(ValueError, match="positive integer"):
         BatchMemoryManager(data_loader=loader, max_physical_batch_size=0)
+
+
+def test_signal_skip_step_is_a_no_op_within_a_logical_batch_and_refused_at_its_end():
+    """Opacus' ``optimizer.signal_skip_step()``: within a logical batch the step only accumulates anyway; before
+    the last chunk's step it would merge two Poisson batches into one charged step: refused."""
+    torch.manual_seed(3)
+    model = nn.Linear(4, 2)
+    data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+    engine = PrivacyEngine()
+    model, optimizer, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=DataLoader(data, batch_size=32),
+        noise_multiplier=1.0, max_grad_norm=1.0, max_physical_batch_size=4,
+    )  # fmt: skip
+    refused = 0
+    for x, y in loader:
+        optimizer.zero_grad()
+        if len(x):
+            F.cross_entropy(model(x), y).backward()
+        optimizer.signal_skip_step(do_skip=True)
+        if loader.signal.is_last_chunk:
+            with pytest.raises(RuntimeError, match="two Poisson batches into one step"):
+                optimizer.step()
+            refused += 1
+        else:
+            optimizer.step()
+    assert refused == 2 and engine.accountant.steps == 0  # no step was taken or charged

@@ -132,6 +132,7 @@ class DPOptimizer(Optimizer):
         self.requires_private_loader = signal is not None
         self._stepped_chunk = 0  # the loader's last chunk a step consumed
         self._next_chunk = 0  # the position, in its logical batch, of the chunk the next step must consume
+        self._skip_next_step = False  # Opacus' signal_skip_step
         self._failed_batch: int | None = None  # a logical batch skipped (and charged) after an error in a chunk
         #: Logical steps skipped after an error and charged (included in ``steps_taken``).
         self.steps_skipped = 0
@@ -172,6 +173,13 @@ class DPOptimizer(Optimizer):
             f"DPOptimizer(noise_multiplier={self.noise_multiplier}, max_grad_norm={self.max_grad_norm}, "
             f"expected_batch_size={self.expected_batch_size}, optimizer={self.original_optimizer!r})"
         )
+
+    def signal_skip_step(self, do_skip: bool = True) -> None:
+        """Opacus' ``signal_skip_step``: the next ``step()`` only accumulates this chunk's clipped gradients. Here the
+        private loader already says where each logical batch ends (``max_physical_batch_size``, BatchMemoryManager):
+        a skip within a logical batch is what ``step()`` does anyway; a skip at its last chunk would merge two
+        Poisson batches into one step charged as one, and that ``step()`` raises."""
+        self._skip_next_step = bool(do_skip)
 
     def attach_step_hook(self, fn: Callable[["DPOptimizer"], None]) -> None:
         """Call ``fn(optimizer)`` at every real (noised) step, after the noise and before the update, as Opacus'
@@ -422,6 +430,14 @@ class DPOptimizer(Optimizer):
                 f"noise_multiplier was changed from {self.charged_noise_multiplier} to {self.noise_multiplier}, but "
                 f"the ledger reserved budget {self.budget_name!r} at {self.charged_noise_multiplier}: the steps would "
                 "be charged at the wrong cost. Close this engine and start a new one with the new noise multiplier"
+            )
+        skip, self._skip_next_step = self._skip_next_step, False
+        if skip and self.signal.is_last_chunk:
+            self.grad_sampler.discard()
+            raise RuntimeError(
+                "signal_skip_step() before the step of a logical batch's last chunk would accumulate two Poisson "
+                "batches into one step, charged as one: each logical batch of the private loader is one step. Split "
+                "a large batch with max_physical_batch_size= (or BatchMemoryManager) instead"
             )
         self._check_parameters()
         loss = None

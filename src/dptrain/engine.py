@@ -39,6 +39,16 @@ from dptrain.compat import (
     native_accountant,
     opacus_result,
 )
+from dptrain.engine_setup import (
+    LOSS_REDUCTIONS,
+    check_privacy_unit,
+    refuse_invalid_model,
+    sampling_source,
+    seed_if_fresh,
+    stop_ddp_synchronisation,
+    training_set,
+    warn_weak_delta,
+)
 from dptrain.grad import make_grad_sampler
 from dptrain.independence import IndependenceCheck
 from dptrain.optim import DPOptimizer
@@ -48,122 +58,14 @@ from dptrain.sampling import (
     DPDataLoader,
     PoissonBatchSampler,
     UserPoissonBatchSampler,
-    sample_space,
 )
 from dptrain.state_guard import StateGuard
-from dptrain.validators import ModuleValidator, UnsupportedModuleError
 
 if TYPE_CHECKING:
     from dptrain.budget import BudgetLedger
 
-LOSS_REDUCTIONS = ("mean", "sum")
-PRIVACY_UNITS = ("example", "user")
-USER_REDUCTIONS = ("sum", "mean")
-
 # Modules that already carry dptrain hooks (weak: the engine must not keep a user's model alive).
 _PRIVATE_MODULES: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
-
-
-def _training_set(data_loader: DataLoader, distributed: bool = False) -> tuple[torch.Tensor | None, int]:
-    """The dataset indices the loader trains on (None: all of them) and their number N, for sampling and
-    accounting: a loader's own sampler over a subset (a train split) is honoured, never silently widened. Under
-    DDP each rank's sampler is its part (as a DistributedSampler's shard is): the training set is their union."""
-    try:
-        steps = len(data_loader)
-        size = len(data_loader.dataset)
-    except TypeError as err:
-        raise ValueError(
-            "data_loader must have a length (a map-style dataset with __len__): Poisson sampling and accounting "
-            "need the dataset size N and the number of steps per epoch"
-        ) from err
-    if size == 0 or steps == 0:
-        raise ValueError("data_loader is empty: there is nothing to train on")
-    indices = sample_space(data_loader)
-    if distributed:
-        parts: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, indices)
-        if any(part is None for part in parts):
-            indices = None
-        else:
-            indices = torch.unique(torch.cat(parts))
-            indices = None if len(indices) == size else indices
-    return indices, size if indices is None else len(indices)
-
-
-def _seed_if_fresh(generator: torch.Generator | None) -> int | None:
-    """The seed of a user's generator that has not drawn anything since it was seeded (a run starting from that
-    seed, which the ledger checks for reuse), else None."""
-    if generator is None or generator.device.type != "cpu":
-        return None
-    seed = generator.initial_seed()
-    return seed if torch.equal(generator.get_state(), torch.Generator().manual_seed(seed).get_state()) else None
-
-
-def _warn_weak_delta(delta: float, dataset_size: int | None) -> None:
-    if dataset_size and delta >= 1.0 / dataset_size:
-        warnings.warn(
-            f"delta={delta} >= 1/N = {1.0 / dataset_size:.3g}: a mechanism that publishes one random example in full "
-            "satisfies this delta, so the guarantee is weak; choose delta well below 1/N (e.g. 1/N^1.1)",
-            stacklevel=3,
-        )
-
-
-def _check_privacy_unit(
-    privacy_unit: str, user_ids: Any, user_reduction: str, poisson_sampling: bool, data_loader: DataLoader
-) -> torch.Tensor | None:
-    """The user of each example as a tensor under user-level privacy (None at example level), after checks."""
-    if privacy_unit not in PRIVACY_UNITS:
-        raise ValueError(f"privacy_unit must be one of {PRIVACY_UNITS}, got {privacy_unit!r}")
-    if privacy_unit == "example":
-        if user_ids is not None:
-            raise ValueError('user_ids is only used with privacy_unit="user"')
-        return None
-    if user_reduction not in USER_REDUCTIONS:
-        raise ValueError(f"user_reduction must be one of {USER_REDUCTIONS}, got {user_reduction!r}")
-    if not poisson_sampling:
-        raise ValueError('privacy_unit="user" samples users by Poisson sampling; poisson_sampling=False is not supported')
-    if user_ids is None:
-        raise ValueError('privacy_unit="user" needs user_ids: the user of each example of the dataset')
-    users = torch.as_tensor(user_ids)
-    if users.dim() != 1 or users.dtype.is_floating_point or users.dtype == torch.bool:
-        raise ValueError(f"user_ids must be a 1-D sequence of integer ids, got shape {tuple(users.shape)}, {users.dtype}")
-    _training_set(data_loader)  # a loader without a length or with no example fails here
-    size = len(data_loader.dataset)
-    if len(users) != size:
-        raise ValueError(f"user_ids has {len(users)} entries but the dataset has {size} examples; give one per example")
-    return users.long()
-
-
-def _refuse_invalid_model(module: nn.Module) -> None:
-    errors = ModuleValidator.validate(module)
-    if errors:
-        raise UnsupportedModuleError.of(errors)  # a ValueError, as in Opacus
-
-
-def _sampling_source(secure: bool, generator: torch.Generator | None, rank: int, world_size: int) -> RandomSource:
-    """Randomness for Poisson sampling: independent across ranks (correlated shards would break the analysis); a
-    seeded user generator is shared with the noise in one process, and offset by rank under DDP."""
-    if secure:
-        return RandomSource(secure=True)
-    if generator is None:
-        return RandomSource(generator=fresh_generator())
-    if world_size == 1:
-        return RandomSource(generator=generator)
-    return RandomSource(generator=torch.Generator().manual_seed(generator.initial_seed() + 1 + rank))
-
-
-def _stop_ddp_synchronisation(module: DistributedDataParallel) -> None:
-    """Turn off DDP's own gradient all-reduce and buffer broadcasts for good: the DP optimizer makes the one
-    reduction of each logical step (clipped sums plus rank 0's noise). Left on, DDP's bucket all-reduces would run
-    once per backward pass, so ranks with different numbers of physical chunks would pair the DP all-reduce with a
-    DDP bucket of raw gradients. DDP has already broadcast rank 0's parameters when it was constructed."""
-    if module.static_graph:
-        raise ValueError(
-            "DistributedDataParallel(static_graph=True) cannot run with its gradient synchronisation off, which the "
-            "DP engine needs (it makes the one reduction of each step itself): build DDP without static_graph"
-        )
-    module.require_backward_grad_sync = False
-    module.require_forward_param_sync = False
 
 
 @dataclass
@@ -315,7 +217,7 @@ class PrivacyEngine(OpacusMethods):
     ) -> tuple[nn.Module, DPOptimizer, DataLoader]:
         """``make_private``'s implementation; ``planned_steps`` is the ledger reservation (None: what is left)."""
         check_noise_multiplier(noise_multiplier)
-        users = _check_privacy_unit(privacy_unit, user_ids, user_reduction, poisson_sampling, data_loader)
+        users = check_privacy_unit(privacy_unit, user_ids, user_reduction, poisson_sampling, data_loader)
         if self.privacy_unit is not None and privacy_unit != self.privacy_unit:
             raise ValueError(
                 f"this engine accounts per {self.privacy_unit}; use another PrivacyEngine for a per-{privacy_unit} run"
@@ -331,17 +233,17 @@ class PrivacyEngine(OpacusMethods):
             raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
         if module in _PRIVATE_MODULES or getattr(module, "module", None) in _PRIVATE_MODULES:
             raise ValueError("this module is already private; make_private must be called once per module")
-        _refuse_invalid_model(module)
+        refuse_invalid_model(module)
         distributed = isinstance(module, DistributedDataParallel)
         rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         hooked = module.module if distributed else module
         if distributed:
-            _stop_ddp_synchronisation(module)
+            stop_ddp_synchronisation(module)
         params = self._private_params(hooked, optimizer)
         check_clipping_mode(per_layer_norms, adaptive, params, users is not None, isinstance(module, DistributedDataParallel))
         if adaptive is not None:
             adaptive.gradient_noise_multiplier(noise_multiplier)  # refused before anything is attached
-        indices, dataset_size = _training_set(data_loader, distributed)
+        indices, dataset_size = training_set(data_loader, distributed)
         steps_per_epoch = len(data_loader)
         self.dataset_size = dataset_size
 
@@ -359,7 +261,7 @@ class PrivacyEngine(OpacusMethods):
         if users is not None:
             # Every user is sampled at rate q = 1/len(data_loader), with all of its examples.
             sample_rate = 1.0 / steps_per_epoch
-            sampling = _sampling_source(self.secure_mode, noise_generator, rank, world_size)
+            sampling = sampling_source(self.secure_mode, noise_generator, rank, world_size)
             batch_sampler = UserPoissonBatchSampler(users, sample_rate, steps_per_epoch, sampling, rank, world_size)
             expected_batch_size = sample_rate * batch_sampler.num_users
             self.dataset_size = batch_sampler.num_users  # the privacy units, for the weak-delta check
@@ -367,7 +269,7 @@ class PrivacyEngine(OpacusMethods):
             # The whole dataset is sampled at rate q = 1/len(data_loader): one epoch sees N examples in expectation.
             sample_rate = 1.0 / steps_per_epoch
             expected_batch_size = sample_rate * dataset_size
-            sampling = _sampling_source(self.secure_mode, noise_generator, rank, world_size)
+            sampling = sampling_source(self.secure_mode, noise_generator, rank, world_size)
             batch_sampler = PoissonBatchSampler(
                 dataset_size, sample_rate, steps_per_epoch, sampling, rank, world_size, indices=indices
             )
@@ -387,7 +289,7 @@ class PrivacyEngine(OpacusMethods):
             batch_sampler = data_loader.batch_sampler
         private_loader = DPDataLoader(data_loader, batch_sampler, signal, max_physical_batch_size, users, sample_rate)
         restored = self._pending_optimizer_states[0] if self._pending_optimizer_states else None
-        seed = None if restored is not None else _seed_if_fresh(noise_generator)
+        seed = None if restored is not None else seed_if_fresh(noise_generator)
         sampling_scheme = "poisson" if sampling is not None else "shuffled"
         reserved = self._reserve(sample_rate, noise_multiplier, planned_steps, rank, world_size, sampling_scheme, seed)
 
@@ -462,9 +364,9 @@ class PrivacyEngine(OpacusMethods):
             raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
         epochs = int(epochs)
         check_positive(max_grad_norm, "max_grad_norm")
-        _refuse_invalid_model(module)  # before calibration, which takes seconds
-        dataset_size = _training_set(data_loader, isinstance(module, DistributedDataParallel))[1]
-        _warn_weak_delta(target_delta, dataset_size)
+        refuse_invalid_model(module)  # before calibration, which takes seconds
+        dataset_size = training_set(data_loader, isinstance(module, DistributedDataParallel))[1]
+        warn_weak_delta(target_delta, dataset_size)
         steps_per_epoch = len(data_loader)
         if kwargs.get("poisson_sampling", True):
             sample_rate = 1.0 / steps_per_epoch
@@ -575,7 +477,7 @@ class PrivacyEngine(OpacusMethods):
     def get_epsilon(self, delta: float) -> float:
         """Epsilon spent so far at ``delta`` per privacy unit (example, or user), composing every recorded step."""
         check_delta(delta)
-        _warn_weak_delta(delta, self.dataset_size)
+        warn_weak_delta(delta, self.dataset_size)
         return self.accountant.get_epsilon(delta)
 
     def detach(self) -> None:

@@ -42,7 +42,7 @@ class AdaptiveClipping:
             check_positive(getattr(self, name), name)
         if self.min_clipbound > self.max_clipbound:
             raise ValueError(f"min_clipbound {self.min_clipbound} is above max_clipbound {self.max_clipbound}")
-        self.unclipped = 0.0
+        self.unclipped: torch.Tensor | float = 0.0
 
     def gradient_noise_multiplier(self, noise_multiplier: float) -> float:
         """z_g, so that the gradient sum and the count together are a Gaussian mechanism at ``noise_multiplier``."""
@@ -58,13 +58,14 @@ class AdaptiveClipping:
         return rest**-0.5
 
     def count(self, norms: torch.Tensor, max_grad_norm: float) -> None:
-        """Add a chunk's examples whose norm is at most the current bound."""
-        self.unclipped += float((norms <= max_grad_norm).sum())
+        """Add a chunk's examples whose norm is at most the current bound (on the norms' device: no synchronisation
+        until the step's end)."""
+        self.unclipped = self.unclipped + (norms <= max_grad_norm).sum()
 
     def next_bound(self, max_grad_norm: float, random: RandomSource, expected_batch_size: float) -> float:
         """The bound for the next step, from this step's noisy count (which it resets)."""
         noise = float(random.normal(torch.Size([1]), dtype=torch.float64, device=torch.device("cpu"))[0])
-        fraction = (self.unclipped + self.unclipped_num_std * noise) / expected_batch_size
+        fraction = (float(self.unclipped) + self.unclipped_num_std * noise) / expected_batch_size
         self.unclipped = 0.0
         bound = max_grad_norm * math.exp(-self.clipbound_learning_rate * (fraction - self.target_unclipped_quantile))
         return min(max(bound, self.min_clipbound), self.max_clipbound)

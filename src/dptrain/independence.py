@@ -22,8 +22,10 @@ output. Its gradient is the mean (or, with ``loss_reduction="sum"``, the sum) of
 loss is the mean of per-example losses. A token mean over the whole batch with padding or ``ignore_index`` weights
 each example by its share of the batch's tokens, which depends on the other examples: not a per-example loss, and
 the sensitivity bound fails. So on that first forward pass the first ``LOSS_EXAMPLES`` examples are run again, as a
-batch and each alone (in eval mode, so that dropout does not enter the comparison): the batch's loss must be the
-mean (sum) of theirs. (Checked on the first batch only: a batch without padding there passes.)
+batch and each alone (in eval mode, so that dropout does not enter the comparison): the gradient of the batch's
+loss with respect to example i's inputs (or token embeddings) must be that of example i's own loss over the batch
+size (under a mean), whatever the loss values. (Checked on the first batch only: a batch without padding there
+passes.)
 """
 
 from __future__ import annotations

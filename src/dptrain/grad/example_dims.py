@@ -9,12 +9,13 @@ the forward pass (``probe_verdict``), never by a guess.
 from __future__ import annotations
 
 import warnings
+from functools import partial
 
 import torch
 from torch import nn
 
-from dptrain.grad.base import example_zero_objective
-from dptrain.grad.layers import LayerRule
+from dptrain.grad.base import example_zero_objective, same_layout
+from dptrain.grad.layers import LayerRule, rule_for
 from dptrain.grad.layers.embedding import EmbeddingRule
 from dptrain.grad.layers.linear import LinearRule
 
@@ -169,3 +170,65 @@ def _differ(a: torch.Tensor, b: torch.Tensor) -> bool:
         return not torch.equal(a, b)
     scale = max(float(a.abs().nan_to_num(0).max()) if a.numel() else 0.0, 1e-30)
     return not torch.allclose(a, b, rtol=1e-4, atol=1e-4 * scale, equal_nan=True)
+
+
+class ExampleDimensions:
+    """``FastGradSampler``'s choice of each rule layer call's example dimension (a mixin: it uses the sampler's
+    learned layouts, probe, root inputs and whole-model replay)."""
+
+    def _candidates(
+        self, module: nn.Module, activation: torch.Tensor, batch_size: int, rule: LayerRule | None = None
+    ) -> list[int]:
+        """Where this call's examples may be (``candidate_dims``). An input that takes no gradient and is not one of
+        the model's own inputs may have no batch dimension at all: when no dimension fits, and otherwise when it is
+        a vector of token ids (position ids (T,), T == B by chance) or one of the model's buffers (a table shared by
+        all examples)."""
+        leading = leading_dims(rule or rule_for(module), module, activation)
+        dims = candidate_dims(activation, leading, batch_size)
+        if activation.requires_grad or self._is_root_input(activation):
+            return dims
+        ids = not activation.is_floating_point()
+        if not dims or (ids and activation.dim() == 1) or (not ids and self._is_buffer(activation)):
+            return candidate_dims(activation, leading, batch_size, unbatched=True)
+        return dims
+
+    def _is_buffer(self, activation: torch.Tensor) -> bool:
+        return any(same_layout(activation, b) for b in self.module.buffers())
+
+    def _example_dim(self, module: nn.Module, activation: torch.Tensor, batch_size: int, rule: LayerRule) -> int | None:
+        """The dimension of this call's input (and output) that carries the examples, or an ``EXPANDED``
+        candidate; None when the call's gradients come from the replay of the whole model instead (never a guess)."""
+        dims = self._candidates(module, activation, batch_size, rule)
+        if batch_size <= 1 and dims:
+            return dims[0]  # no or one example: every fitting dimension attributes the same
+        key = (module, activation.dim())
+        if len(dims) == 1 and dims[0] not in EXPANDED:
+            if self._learned.setdefault(key, dims[0]) != dims[0]:
+                self._learned[key] = CONFLICT
+            return dims[0]
+        if not dims:
+            self._replay_whole_model(module)
+            return None
+        learned = self._learned.get(key)
+        if learned in dims:
+            return learned
+        if self.batch_dim in dims and self._is_root_input(activation):
+            verdict = self.batch_dim
+        else:
+            forward, verdicts = self._verdicts
+            if forward != self._forwards and self._root_call is not None:
+                args, kwargs = self._root_call
+                candidates = partial(self._candidates, batch_size=batch_size)
+                verdicts = self.probe.run(self.module, args, kwargs, batch_size, candidates)
+                self._verdicts = (self._forwards, verdicts)
+            verdict = verdicts.get(key)
+        if verdict not in dims:  # undecided (or called outside the model's forward): the replay attributes it
+            self._replay_whole_model(module)
+            return None
+        if learned is None:
+            self._learned[key] = verdict
+        return verdict
+
+    def _is_root_input(self, activation: torch.Tensor) -> bool:
+        """Whether ``activation`` is one of the module's inputs (the same elements in the same layout)."""
+        return any(same_layout(activation, t) for t in self._root_inputs if isinstance(t, torch.Tensor))

@@ -21,7 +21,6 @@ from a torch.func replay of the whole model. A parameter that receives gradient 
 from __future__ import annotations
 
 import types
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +31,6 @@ from dptrain.grad.base import (
     MaterializedGradients,
     PerExampleGradients,
     ReplayGuard,
-    same_layout,
 )
 from dptrain.grad.layers import (
     MATERIALISED,
@@ -41,15 +39,7 @@ from dptrain.grad.layers import (
     rule_for,
 )
 from dptrain.grad.layers.attention import attention_forward, can_decompose
-from dptrain.grad.example_dims import (
-    CONFLICT,
-    EXPANDED,
-    UNBATCHED,
-    ForwardProbe,
-    candidate_dims,
-    expand_to_batch,
-    leading_dims,
-)
+from dptrain.grad.example_dims import EXPANDED, UNBATCHED, ExampleDimensions, ForwardProbe, expand_to_batch
 from dptrain.grad.fast_gradients import FastGradients
 from dptrain.grad.attribution import check_attribution, outside_use_error
 from dptrain.grad.functional import FunctionalLayers, FunctionalOwner
@@ -96,7 +86,7 @@ class _OutputGradientTap(torch.autograd.Function):
         return None, None
 
 
-class FastGradSampler(FunctionalLayers, GradSampler):
+class FastGradSampler(FunctionalLayers, ExampleDimensions, GradSampler):
     """Book-keeping per-example clipping with per-layer rules and a per-layer torch.func fallback.
 
     At each call of a rule layer, the dimension of its input that carries the examples is the one leading dimension
@@ -312,63 +302,6 @@ class FastGradSampler(FunctionalLayers, GradSampler):
             activation = activation.movedim(dim, 0)
         self._record(rule, module, activation, output, dim)
         return replaced
-
-    def _candidates(
-        self, module: nn.Module, activation: torch.Tensor, batch_size: int, rule: LayerRule | None = None
-    ) -> list[int]:
-        """Where this call's examples may be (``candidate_dims``). An input that takes no gradient and is not one of
-        the model's own inputs may have no batch dimension at all: when no dimension fits, and otherwise when it is
-        a vector of token ids (position ids (T,), T == B by chance) or one of the model's buffers (a table shared by
-        all examples)."""
-        leading = leading_dims(rule or rule_for(module), module, activation)
-        dims = candidate_dims(activation, leading, batch_size)
-        if activation.requires_grad or self._is_root_input(activation):
-            return dims
-        ids = not activation.is_floating_point()
-        if not dims or (ids and activation.dim() == 1) or (not ids and self._is_buffer(activation)):
-            return candidate_dims(activation, leading, batch_size, unbatched=True)
-        return dims
-
-    def _is_buffer(self, activation: torch.Tensor) -> bool:
-        return any(same_layout(activation, b) for b in self.module.buffers())
-
-    def _example_dim(self, module: nn.Module, activation: torch.Tensor, batch_size: int, rule: LayerRule) -> int | None:
-        """The dimension of this call's input (and output) that carries the examples, or an ``EXPANDED``
-        candidate; None when the call's gradients come from the replay of the whole model instead (never a guess)."""
-        dims = self._candidates(module, activation, batch_size, rule)
-        if batch_size <= 1 and dims:
-            return dims[0]  # no or one example: every fitting dimension attributes the same
-        key = (module, activation.dim())
-        if len(dims) == 1 and dims[0] not in EXPANDED:
-            if self._learned.setdefault(key, dims[0]) != dims[0]:
-                self._learned[key] = CONFLICT
-            return dims[0]
-        if not dims:
-            self._replay_whole_model(module)
-            return None
-        learned = self._learned.get(key)
-        if learned in dims:
-            return learned
-        if self.batch_dim in dims and self._is_root_input(activation):
-            verdict = self.batch_dim
-        else:
-            forward, verdicts = self._verdicts
-            if forward != self._forwards and self._root_call is not None:
-                args, kwargs = self._root_call
-                candidates = partial(self._candidates, batch_size=batch_size)
-                verdicts = self.probe.run(self.module, args, kwargs, batch_size, candidates)
-                self._verdicts = (self._forwards, verdicts)
-            verdict = verdicts.get(key)
-        if verdict not in dims:  # undecided (or called outside the model's forward): the replay attributes it
-            self._replay_whole_model(module)
-            return None
-        if learned is None:
-            self._learned[key] = verdict
-        return verdict
-
-    def _is_root_input(self, activation: torch.Tensor) -> bool:
-        """Whether ``activation`` is one of the module's inputs (the same elements in the same layout)."""
-        return any(same_layout(activation, t) for t in self._root_inputs if isinstance(t, torch.Tensor))
 
     def _record(
         self, rule: LayerRule, module: nn.Module, activation: torch.Tensor, output: torch.Tensor, batch_dim: int

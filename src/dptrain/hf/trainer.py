@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torch.utils.data.dataloader import default_collate
 from transformers import Trainer, TrainerCallback
 
 from dptrain import PrivacyEngine
@@ -116,10 +115,8 @@ class DPTrainer(Trainer):
     def _collate(self, items: list) -> dict[str, torch.Tensor]:
         if items and not isinstance(items[0], dict):  # (input_ids, attention_mask) pairs
             items = [{"input_ids": ids, "attention_mask": mask} for ids, mask in items]
-        items = [{k: v for k, v in item.items() if k != self.user_column} for item in items]
-        if self.data_collator is not None and not items:
-            return {}
-        return self.data_collator(items) if self.data_collator is not None else default_collate(items)
+        # (the Trainer's collator: the user's, or transformers' default_data_collator)
+        return self.data_collator([{k: v for k, v in item.items() if k != self.user_column} for item in items])
 
     def get_train_dataloader(self) -> DataLoader:
         """The engine's private loader (made once, with the wrapped optimizer)."""

@@ -254,3 +254,38 @@ def test_an_unbatched_output_reduced_over_its_rows_is_not_expanded(batch):
     x, y = torch.randint(0, 12, (2 * batch, 5)), torch.randint(0, 3, (2 * batch,))
     optimizer = _assert_step_exact(MeanOfPositions().double(), (x, y), batch, _classification, max_grad_norm=0.1)
     assert optimizer.grad_sampler._unbatched_layers  # attributed by the whole-model replay
+
+
+class LateOutsideUse(nn.Module):
+    """A functional RMSNorm whose weight the parent also uses directly once ``outside`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.norm, self.out = nn.Linear(4, 4), Functional("rms_norm"), nn.Linear(4, 3)
+        self.outside = False
+
+    def forward(self, x):
+        h = self.norm(self.inp(x))
+        if self.outside:
+            h = h * self.norm.weight  # outside the owner's forward: its gradient would go unclipped
+        return self.out(h)
+
+
+def test_an_outside_use_of_a_functional_layers_parameter_from_a_later_step_is_refused():
+    """After the first step autograd's gradients of the functional layer's parameters are suspended in its forward,
+    so any gradient they receive comes from an outside use: refused at that step, nothing released."""
+    torch.manual_seed(7)
+    model = LateOutsideUse()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    private, optimizer, loader = _private(model, (x, y), 4)
+    batches = iter(loader)
+    xb, yb = next(batches)
+    F.cross_entropy(private(xb), yb).backward()
+    optimizer.step()
+    model.outside = True
+    xb, yb = next(batches)
+    optimizer.zero_grad()
+    F.cross_entropy(private(xb), yb).backward()
+    with pytest.raises(RuntimeError, match="norm.weight receives gradient outside"):
+        optimizer.step()
+    assert optimizer.steps_taken == 1

@@ -80,3 +80,48 @@ def test_signal_skip_step_is_a_no_op_within_a_logical_batch_and_refused_at_its_e
         else:
             optimizer.step()
     assert refused == 2 and engine.accountant.steps == 0  # no step was taken or charged
+
+
+class _WithLSTM(nn.Module):
+    """A rule layer after a torch.func fallback layer: both engines' records count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm, self.head = nn.LSTM(5, 6, batch_first=True), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.lstm(x.unsqueeze(1))[0][:, -1])
+
+
+@pytest.mark.parametrize("mode", ["auto", "vmap"])
+@pytest.mark.parametrize("with_lstm", [False, True])
+def test_accumulated_iterations_counts_the_passes_waiting_for_step(mode, with_lstm):
+    """Opacus' ``optimizer.accumulated_iterations``: 0 after step/zero_grad, 1 after a forward and backward pass;
+    two loss terms on one forward pass are one iteration; a second batch's pass reads 2 and is refused at step()."""
+    torch.manual_seed(0)
+    model = _WithLSTM() if with_lstm else nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    data = DataLoader(TensorDataset(torch.randn(60, 5), torch.randint(0, 3, (60,))), batch_size=20)
+    model, optimizer, loader = PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5), data_loader=data, noise_multiplier=1.0,
+        max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode=mode,
+    )  # fmt: skip
+    batches = iter(loader)
+    x, y = next(batches)
+    assert optimizer.accumulated_iterations == 0
+    out = model(x)
+    F.cross_entropy(out, y).backward(retain_graph=True)
+    assert optimizer.accumulated_iterations == 1
+    out.square().mean().backward()  # a second loss term on the same forward pass
+    assert optimizer.accumulated_iterations == 1
+    optimizer.step()
+    assert optimizer.accumulated_iterations == 0
+    x, y = next(batches)
+    F.cross_entropy(model(x), y).backward()
+    optimizer.zero_grad()
+    assert optimizer.accumulated_iterations == 0
+    F.cross_entropy(model(x), y).backward()
+    x, y = next(batches)
+    F.cross_entropy(model(x), y).backward()  # gradient accumulation over two batches
+    assert optimizer.accumulated_iterations == 2
+    with pytest.raises(RuntimeError, match="several different batches .*max_physical_batch_size"):
+        optimizer.step()

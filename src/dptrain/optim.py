@@ -181,6 +181,14 @@ class DPOptimizer(Optimizer):
         Poisson batches into one step charged as one, and that ``step()`` raises."""
         self._skip_next_step = bool(do_skip)
 
+    @property
+    def accumulated_iterations(self) -> int:
+        """Opacus' ``accumulated_iterations``: the forward/backward passes whose per-example gradients wait for the
+        next ``step()`` (0 after a step or ``zero_grad``; 1 after one pass). Two backward passes through one forward
+        pass (two loss terms) count once. Unlike Opacus, passes over two different batches before one ``step()``
+        are refused there (their examples would be paired by row): accumulate with ``max_physical_batch_size``."""
+        return self.grad_sampler.pending_forward_passes()
+
     def attach_step_hook(self, fn: Callable[["DPOptimizer"], None]) -> None:
         """Call ``fn(optimizer)`` at every real (noised) step, after the noise and before the update, as Opacus'
         ``attach_step_hook``. It is added beside the engine's own accounting hook, never in its place."""

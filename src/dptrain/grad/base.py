@@ -149,6 +149,11 @@ class GradSampler(ABC):
         """Drop pending per-example gradients (optimizer.zero_grad)."""
 
     @abstractmethod
+    def pending_forward_passes(self) -> int:
+        """How many forward passes have per-example gradients waiting for the next collect (several backward
+        passes through one forward pass count once: their gradients are the same examples')."""
+
+    @abstractmethod
     def detach(self) -> None:
         """Remove every hook from the module."""
 

@@ -453,6 +453,10 @@ class FastGradSampler(FunctionalLayers, ExampleDimensions, GradSampler):
         for sampler, _ in self.fallbacks:
             sampler.discard()
 
+    def pending_forward_passes(self) -> int:
+        replays = [self._root_replay] + [sampler for sampler, _ in self.fallbacks]
+        return max([len({forward for _, _, forward, _ in self._calls})] + [r.pending_forward_passes() for r in replays])
+
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()

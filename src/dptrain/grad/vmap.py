@@ -236,6 +236,9 @@ class VmapGradSampler(GradSampler):
     def discard(self) -> None:
         self._records = []
 
+    def pending_forward_passes(self) -> int:
+        return len({id(record.inputs) for record in self._records})  # a forward pass's records share its inputs
+
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()

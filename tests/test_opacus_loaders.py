@@ -10,11 +10,11 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dptrain import PrivacyEngine
+from models import train_one_epoch
 from dptrain.data_loader import DPDataLoader
 from dptrain.utils.uniform_sampler import UniformWithReplacementSampler
 
@@ -51,11 +51,7 @@ def test_make_private_on_a_from_data_loader_loader_charges_its_rate():
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=dp_loader,
         noise_multiplier=1.0, max_grad_norm=1.0,
     )  # fmt: skip
-    for x, y in loader:
-        optimizer.zero_grad()
-        if len(x):
-            F.cross_entropy(model(x), y).backward()
-        optimizer.step()
+    train_one_epoch(model, optimizer, loader)
     assert engine.accountant.history == [(1.0, pytest.approx(Q), 10)]
 
 

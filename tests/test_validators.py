@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dptrain import PrivacyEngine
+from models import train_one_epoch
 from dptrain.validators import ModuleValidator, UnsupportedModuleError
 
 
@@ -192,11 +193,7 @@ def test_opacus_accountant_names_prv_is_computed_with_pld_and_gdp_is_refused() -
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=data,
         noise_multiplier=1.0, max_grad_norm=1.0,
     )  # fmt: skip
-    for x, y in loader:
-        optimizer.zero_grad()
-        if len(y):
-            nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
+    train_one_epoch(model, optimizer, loader)
     assert engine.accountant.mechanism() == "pld"
     assert engine.get_epsilon(1e-5) == pytest.approx(compute_epsilon(0.2, 1.0, 5, 1e-5, "pld"))
     with pytest.raises(ValueError, match="can under-state epsilon"):

@@ -207,6 +207,25 @@ def test_user_level_budget_accounts_groups_with_the_mixture_event(tmp_path: Path
     assert ledger.spent("users") > compute_epsilon(0.01, 2.0, 100, DELTA)
 
 
+def test_client_level_budget_takes_only_federated_rounds_and_vice_versa(tmp_path: Path):
+    ledger = BudgetLedger(tmp_path / "clients.db")
+    ledger.create("hospitals", epsilon=5.0, delta=DELTA, privacy_unit="client")
+    ledger.create("patients", epsilon=2.0, delta=DELTA)
+    entry_id = ledger.reserve("hospitals", 0.2, 1.5, 10, client_level=True, note="10 rounds")
+    ledger.settle(entry_id, 7)
+    [entry] = ledger.history("hospitals")
+    assert (entry.privacy_unit, entry.steps, entry.status) == ("client", 7, "spent")
+    assert ledger.spent("hospitals") == pytest.approx(compute_epsilon(0.2, 1.5, 7, DELTA), abs=0.02)
+    assert ledger.max_steps("hospitals", 0.2, 1.5, client_level=True) > 0
+    with pytest.raises(ValueError, match="protects clients"):
+        ledger.spend("hospitals", 0.01, 1.0, 10)  # training steps of examples
+    with pytest.raises(ValueError, match="protects clients"):
+        ledger.max_steps("hospitals", 0.01, 1.0)
+    with pytest.raises(ValueError, match="protects examples"):
+        ledger.reserve("patients", 0.2, 1.5, 10, client_level=True)
+    assert len(ledger.history("hospitals")) == 1 and ledger.history("patients") == []
+
+
 # -- several processes, SIGKILL --------------------------------------------------------------------------------------
 
 PROCESSES, SPEND = 8, (0.01, 1.0, 100)

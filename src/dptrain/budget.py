@@ -50,16 +50,16 @@ from dptrain.budget_records import (  # noqa: F401
     LedgerEntry,
     BudgetSummary,
 )
+# The file format; SCHEMA_VERSION is re-exported (tests and tools read it from dptrain.budget).
+from dptrain.budget_schema import APPLICATION_ID, MIGRATIONS, SCHEMA, SCHEMA_VERSION  # noqa: F401
 
-#: Version of the file layout; a file with a larger ``PRAGMA user_version`` was written by a newer dptrain.
-SCHEMA_VERSION = 2
-#: ``PRAGMA application_id`` of a dptrain ledger (ASCII "dptr"): tells a ledger from any other SQLite file.
-APPLICATION_ID = 0x64707472
 #: The PLD discretisation of every ledger total (pessimistic; see accounting.COARSE_PLD_VALUE_DISCRETIZATION).
 LEDGER_PLD_DISCRETIZATION = COARSE_PLD_VALUE_DISCRETIZATION
 #: :meth:`BudgetLedger.max_steps` searches up to this many steps (composing ~10^6 steps costs about a second).
 MAX_STEPS_SEARCHED = 2**20
-PRIVACY_UNITS = ("example", "user")
+#: What one budget protects: a single example, a user (all of a person's examples), or a federated client (all of a
+#: client's data: client-level DP, dptrain.federated).
+PRIVACY_UNITS = ("example", "user", "client")
 #: How a run chose its batches: "poisson" (what the accounting assumes) or "shuffled" (epsilon not proven).
 SAMPLINGS = ("poisson", "shuffled")
 #: Seeds accepted (torch's range). Stored as decimal TEXT: SQLite's INTEGER is signed 64-bit, so 2**63 and up
@@ -67,42 +67,6 @@ SAMPLINGS = ("poisson", "shuffled")
 SEED_RANGE = (-(2**63), 2**64 - 1)
 RESERVED, SPENT = "reserved", "spent"
 
-_SCHEMA = (
-    """CREATE TABLE budgets (
-        name TEXT PRIMARY KEY NOT NULL CHECK (length(name) > 0),
-        epsilon REAL NOT NULL CHECK (epsilon > 0),
-        delta REAL NOT NULL CHECK (delta > 0 AND delta < 1),
-        privacy_unit TEXT NOT NULL CHECK (privacy_unit IN ('example', 'user')),
-        created_at TEXT NOT NULL,
-        closed_at TEXT
-    )""",
-    """CREATE TABLE entries (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        budget TEXT NOT NULL REFERENCES budgets (name),
-        created_at TEXT NOT NULL,
-        status TEXT NOT NULL CHECK (status IN ('reserved', 'spent')),
-        kind TEXT NOT NULL,
-        sample_rate REAL NOT NULL CHECK (sample_rate >= 0 AND sample_rate <= 1),
-        noise_multiplier REAL NOT NULL CHECK (noise_multiplier >= 0),
-        steps INTEGER NOT NULL CHECK (steps >= 0),
-        planned_steps INTEGER NOT NULL CHECK (planned_steps >= steps),
-        sampling TEXT NOT NULL,
-        privacy_unit TEXT NOT NULL,
-        group_size INTEGER NOT NULL CHECK (group_size >= 1),
-        accountant TEXT NOT NULL,
-        note TEXT NOT NULL,
-        settled_at TEXT,
-        seed TEXT
-    )""",
-    "CREATE INDEX entries_by_budget ON entries (budget, id)",
-    f"PRAGMA application_id = {APPLICATION_ID}",
-    f"PRAGMA user_version = {SCHEMA_VERSION}",
-)
-#: Statements that bring a file of schema version v to v + 1 (run in one write transaction on open). The result
-#: matches a fresh file of the new version: an added column goes last, as in ``_SCHEMA``.
-_MIGRATIONS: dict[int, tuple[str, ...]] = {
-    1: ("ALTER TABLE entries ADD COLUMN seed TEXT",),  # v2: the run's seed (NULL: none given, or a v1 entry)
-}
 
 
 def _now() -> str:
@@ -160,13 +124,19 @@ class BudgetLedger:
                         db.execute("COMMIT")
                         db.execute("BEGIN IMMEDIATE")
                     if self._is_empty(db):
-                        for statement in _SCHEMA:
+                        for statement in SCHEMA:
                             db.execute(statement)
                 if self._check_format(db) < SCHEMA_VERSION:
-                    if not write:  # a migration writes: take the lock, then look again (another may migrate first)
-                        db.execute("COMMIT")
-                        db.execute("BEGIN IMMEDIATE")
+                    # A migration rebuilds tables (SQLite's documented procedure), which needs foreign keys off, and
+                    # that pragma only takes effect outside a transaction: migrate in a transaction of its own (it
+                    # looks at the version again under the lock: another process may migrate first).
+                    db.execute("COMMIT")
+                    db.execute("PRAGMA foreign_keys = OFF")
+                    db.execute("BEGIN IMMEDIATE")
                     self._migrate(db)
+                    db.execute("COMMIT")
+                    db.execute("PRAGMA foreign_keys = ON")
+                    db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
                 yield db
             except BaseException:
                 if db.in_transaction:
@@ -209,9 +179,12 @@ class BudgetLedger:
         """Bring an older file to :data:`SCHEMA_VERSION` in place, inside the caller's write transaction (all or
         nothing: a failure rolls the file back to its old version, which older dptrain versions still read)."""
         for version in range(self._check_format(db), SCHEMA_VERSION):
-            for statement in _MIGRATIONS[version]:
+            for statement in MIGRATIONS[version]:
                 db.execute(statement)
             db.execute(f"PRAGMA user_version = {version + 1}")
+        broken = db.execute("PRAGMA foreign_key_check").fetchall()
+        if broken:
+            raise LedgerError(f"migrating privacy ledger {self.path} would leave {len(broken)} dangling entries")
 
     def _budget(self, db: sqlite3.Connection, name: str) -> Budget:
         row = db.execute("SELECT * FROM budgets WHERE name = ?", (name,)).fetchone()
@@ -226,8 +199,15 @@ class BudgetLedger:
         return [LedgerEntry.from_row(row) for row in rows]
 
     @staticmethod
-    def _check_request(budget: Budget, group_size: int, delta: float | None) -> None:
+    def _check_request(budget: Budget, group_size: int, delta: float | None, client_level: bool = False) -> None:
         """Refuse a request that does not match the budget it would be charged to."""
+        if client_level != (budget.privacy_unit == "client"):
+            made_by = "federated rounds (client-level DP)" if client_level else "training steps (examples or users)"
+            raise ValueError(
+                f"budget {budget.name!r} protects {budget.privacy_unit}s and cannot be charged with {made_by}: a "
+                "client-level budget (privacy_unit='client') takes only the rounds of dptrain.federated's strategy, "
+                "and a strategy's rounds go only to a client-level budget"
+            )
         if budget.closed:
             raise BudgetClosedError(f"budget {budget.name!r} was closed at {budget.closed_at}")
         if delta is not None and delta != budget.delta:
@@ -289,6 +269,7 @@ class BudgetLedger:
         delta: float | None = None,
         sampling: str = "poisson",
         seed: int | None = None,
+        client_level: bool = False,
     ) -> int:
         """Record a finished release of ``steps`` sampled Gaussian steps; returns the entry id.
 
@@ -296,8 +277,12 @@ class BudgetLedger:
         given, must equal the budget's. ``sampling``: "poisson", or "shuffled" for batches that were not
         Poisson-sampled (composed the same way, labelled as not proven). ``seed``: the run's seed, if any; one
         already recorded against this budget raises a :class:`ReusedSeedWarning` (the entry is still recorded).
+        ``client_level``: the steps are federated rounds whose privacy unit is the client (``dptrain.federated``);
+        they go to budgets created with ``privacy_unit="client"`` and only there.
         """
-        return self._add(name, sample_rate, noise_multiplier, steps, note, group_size, delta, SPENT, sampling, seed)
+        return self._add(
+            name, sample_rate, noise_multiplier, steps, note, group_size, delta, SPENT, sampling, seed, client_level
+        )
 
     def reserve(
         self,
@@ -311,13 +296,16 @@ class BudgetLedger:
         delta: float | None = None,
         sampling: str = "poisson",
         seed: int | None = None,
+        client_level: bool = False,
     ) -> int:
         """Reserve a planned run's ``steps`` before it starts; they count in full until :meth:`settle`.
 
         Same checks, labels and seed warning as :meth:`spend`: a run that would not fit is refused before it takes
         any step.
         """
-        return self._add(name, sample_rate, noise_multiplier, steps, note, group_size, delta, RESERVED, sampling, seed)
+        return self._add(
+            name, sample_rate, noise_multiplier, steps, note, group_size, delta, RESERVED, sampling, seed, client_level
+        )
 
     def _add(
         self,
@@ -331,6 +319,7 @@ class BudgetLedger:
         status: str,
         sampling: str,
         seed: int | None,
+        client_level: bool,
     ) -> int:
         check_sample_rate(sample_rate)
         check_noise_multiplier(noise_multiplier)
@@ -346,7 +335,7 @@ class BudgetLedger:
         request = StepRecord(float(sample_rate), float(noise_multiplier), steps, group_size)
         with self._transaction(write=True) as db:
             budget = self._budget(db, name)
-            self._check_request(budget, group_size, delta)
+            self._check_request(budget, group_size, delta, client_level)
             recorded = [e.record() for e in self._entries(db, name)]
             total = composed_epsilon([*recorded, request], budget.delta, LEDGER_PLD_DISCRETIZATION)
             if not total <= budget.epsilon:
@@ -419,7 +408,9 @@ class BudgetLedger:
                 (SPENT, steps_taken, _now(), entry_id),
             )
 
-    def max_steps(self, name: str, sample_rate: float, noise_multiplier: float, *, group_size: int = 1) -> int:
+    def max_steps(
+        self, name: str, sample_rate: float, noise_multiplier: float, *, group_size: int = 1, client_level: bool = False
+    ) -> int:
         """The largest T such that everything recorded plus T such steps stays within the cap (0 if none fit).
 
         Exact for the ledger's own arithmetic: the total with T steps is <= cap and with T + 1 it is > cap, computed
@@ -431,7 +422,7 @@ class BudgetLedger:
         check_group_size(group_size)
         with self._transaction(write=False) as db:
             budget = self._budget(db, name)
-            self._check_request(budget, group_size, None)
+            self._check_request(budget, group_size, None, client_level)
             recorded = [e.record() for e in self._entries(db, name)]
 
         def fits(steps: int) -> bool:

@@ -54,7 +54,7 @@ class BudgetExceededError(BudgetError, ValueError):
 
 @dataclass(frozen=True)
 class Budget:
-    """A cap (epsilon, delta) on everything released about one dataset, per ``privacy_unit`` ("example" or "user")."""
+    """A cap (epsilon, delta) on everything released about one dataset, per ``privacy_unit`` ("example", "user" or "client")."""
 
     name: str
     epsilon: float

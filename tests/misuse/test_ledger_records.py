@@ -196,7 +196,7 @@ def test_version_1_ledger_migrates_in_place_keeping_entries_and_totals(tmp_path:
     )
     ledger = BudgetLedger(path, create=False)
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     db.close()
     fresh = tmp_path / "fresh.db"
     BudgetLedger(fresh)
@@ -214,6 +214,18 @@ def test_version_1_ledger_migrates_in_place_keeping_entries_and_totals(tmp_path:
     with pytest.warns(ReusedSeedWarning):
         BudgetLedger(path).reserve("patients", 0.01, 1.0, 10, seed=2**64 - 1)
     assert len(ledger.history("patients")) == 5
+    # Version 3's client-level budgets exist in the migrated file, and the rebuilt budgets table still anchors entries.
+    ledger.create("hospitals", epsilon=3.0, delta=DELTA, privacy_unit="client")
+    ledger.spend("hospitals", 0.1, 1.0, 5, client_level=True)
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA foreign_keys = ON")
+        with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
+            db.execute(
+                "INSERT INTO entries (budget, created_at, status, kind, sample_rate, noise_multiplier, steps, "
+                "planned_steps, sampling, privacy_unit, group_size, accountant, note) VALUES ('nobody', 'now', "
+                "'spent', 'poisson_gaussian', 0.1, 1.0, 1, 1, 'poisson', 'example', 1, 'pld', '')"
+            )
+    db.close()
 
 
 def test_ledger_newer_than_this_version_is_still_refused(tmp_path: Path):

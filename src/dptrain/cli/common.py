@@ -14,7 +14,7 @@ EXIT_INTERRUPTED = 130
 #: ``dptrain.accounting.ACCOUNTANTS`` and ``dptrain.budget.PRIVACY_UNITS``, spelled out so that building the parser
 #: (``--help``) does not load dp_accounting (about a second); tests/test_cli.py checks they are the same.
 ACCOUNTANTS = ("pld", "rdp")
-PRIVACY_UNITS = ("example", "user")
+PRIVACY_UNITS = ("example", "user", "client")
 
 
 def subcommand(subparsers: Any, name: str, summary: str, example: str) -> argparse.ArgumentParser:

@@ -1,0 +1,161 @@
+"""dptrain.federated on Flower's own simulation runtime (Ray backend): 10 virtual clients on digits, a few rounds.
+
+Each run is Flower's ``run_simulation`` of the app in tests/fl_app (the one the deployment test ships to real
+SuperNodes); the ServerApp writes what it saw to JSON. Client training is seeded per (seed, client, round), so the
+test can redo a client's local training outside Flower and check the server's aggregate against a hand computation.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+from pathlib import Path
+
+import dp_accounting
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord
+
+from dptrain.accounting import compute_epsilon
+from dptrain.budget import BudgetLedger
+from dptrain.federated.client import round_generator, train_locally
+from dptrain.federated.strategy import ROUND_KEY, SEED_KEY
+
+APP_DIR = Path(__file__).parent / "fl_app"
+K, Q, SEED = 10, 0.5, 7
+# Flower's simulation: Ray with the machine's 2 cores, one virtual client per core at a time.
+BACKEND = {"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2, "include_dashboard": False}}
+
+
+def load_app():
+    spec = importlib.util.spec_from_file_location("fedapp", APP_DIR / "fedapp.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def simulate(tmp_path: Path, name: str, **settings) -> dict:
+    """Run the app in Flower's simulation with ``settings``; the ServerApp's report."""
+    from flwr.simulation import run_simulation
+
+    os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+    out = tmp_path / f"{name}.json"
+    server_app, client_app = load_app().build_apps({"out": str(out), **settings})
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=settings["num-clients"], backend_config=BACKEND)
+    return json.loads(out.read_text())
+
+
+def arrays(report_arrays: dict) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v, dtype=np.float32) for k, v in report_arrays.items()}
+
+
+def local_update(global_arrays: dict[str, np.ndarray], client: int, server_round: int) -> dict[str, np.ndarray]:
+    """What client ``client`` sends in ``server_round`` minus the global arrays, computed here (float64)."""
+    app = load_app()
+    model = app.model_fn()
+    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in global_arrays.items()})
+    data = app.data_fn(client, K)
+    generator = round_generator(ConfigRecord({SEED_KEY: SEED, ROUND_KEY: server_round}), client)
+    train_locally(model, data, 1, 32, 0.1, torch.nn.functional.cross_entropy, generator)
+    return {k: v.detach().numpy().astype(np.float64) - global_arrays[k] for k, v in model.state_dict().items()}
+
+
+def norm(update: dict[str, np.ndarray]) -> float:
+    return math.sqrt(sum(float((a.astype(np.float64) ** 2).sum()) for a in update.values()))
+
+
+def test_noise_free_round_with_client_side_clipping_is_hand_computed_clipped_fedavg(tmp_path: Path):
+    clip = 0.05  # below every client's update norm: clipping binds
+    report = simulate(
+        tmp_path, "clip", **{"num-clients": K, "sample-rate": Q, "num-rounds": 1, "noise-multiplier": 0.0,
+                             "max-norm": clip, "clipping": "client", "seed": SEED}
+    )
+    [round_1] = report["rounds"]
+    assert round_1["sampled"] and round_1["contributed"] == round_1["sampled"] and round_1["dropped"] == {}
+    # The server only ever saw updates the clients had clipped: every norm it received is <= C.
+    assert all(n <= clip * (1 + 1e-9) for n in round_1["norms"])
+    initial = arrays(report["globals"][0])
+    expected = {k: v.astype(np.float64) for k, v in initial.items()}
+    for client in round_1["sampled"]:
+        update = local_update(initial, client, 1)
+        assert norm(update) > clip
+        scale = clip / norm(update)
+        for k in expected:
+            expected[k] += update[k] * scale / (Q * K)
+    final = arrays(report["final"])
+    for k in expected:
+        np.testing.assert_allclose(final[k], expected[k], rtol=0, atol=2e-6)
+    assert report["epsilon"] == math.inf
+
+
+def test_noised_rounds_match_sigma_c_over_q_k_stop_at_the_budget_and_are_accounted(tmp_path: Path):
+    sigma, clip, delta = 1.0, 1.0, 1e-3
+    ledger = BudgetLedger(tmp_path / "server.db")
+    two_rounds = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-3)
+    two_rounds.compose(dp_accounting.PoissonSampledDpEvent(Q, dp_accounting.GaussianDpEvent(sigma)), 2)
+    cap = two_rounds.get_epsilon(delta) * 1.02  # room for 2 rounds, not 3
+    ledger.create("federation", epsilon=cap, delta=delta, privacy_unit="client")
+    assert ledger.max_steps("federation", Q, sigma, client_level=True) == 2
+    report = simulate(
+        tmp_path, "noise", **{"num-clients": K, "sample-rate": Q, "num-rounds": 3, "noise-multiplier": sigma,
+                              "max-norm": clip, "clipping": "server", "seed": SEED, "ledger": str(ledger.path)}
+    )
+    # The budget allowed 2 of the 3 rounds asked: the run stopped there and was charged 2 rounds.
+    assert report["rounds_run"] == 2 and len(report["rounds"]) == 2 and len(report["globals"]) == 3
+    [entry] = ledger.history("federation")
+    assert (entry.status, entry.steps, entry.privacy_unit, entry.sample_rate) == ("spent", 2, "client", Q)
+    accountant = dp_accounting.pld.PLDAccountant()
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(Q, dp_accounting.GaussianDpEvent(sigma)), 2)
+    assert report["epsilon"] == pytest.approx(accountant.get_epsilon(delta), rel=1e-9)
+    # The noise: new global - old global - (sum of clipped updates) / (q K), redone here, has std sigma C / (q K).
+    residuals = []
+    for r, record in enumerate(report["rounds"], start=1):
+        before, after = arrays(report["globals"][r - 1]), arrays(report["globals"][r])
+        clipped_sum = {k: np.zeros(v.shape) for k, v in before.items()}
+        for client in record["contributed"]:
+            update = local_update(before, client, r)
+            scale = min(1.0, clip / norm(update))
+            for k in clipped_sum:
+                clipped_sum[k] += update[k] * scale
+        residuals.append(np.concatenate(
+            [(after[k].astype(np.float64) - before[k] - clipped_sum[k] / (Q * K)).ravel() for k in before]
+        ))
+    noise = np.concatenate(residuals)
+    # 2 x 2410 coordinates: the sample std is within 5% of sigma C / (q K) = 0.2 with probability > 0.999 (seeded).
+    assert noise.size == 2 * 2410
+    assert np.std(noise) == pytest.approx(sigma * clip / (Q * K), rel=0.05)
+    assert abs(np.mean(noise)) < 4 * 0.2 / math.sqrt(noise.size)
+
+
+def test_sample_level_clients_are_charged_cumulatively_and_decline_when_their_budget_is_spent(tmp_path: Path):
+    ledgers = tmp_path / "clients"
+    report = simulate(
+        tmp_path, "sample", **{"num-clients": K, "sample-rate": 0.6, "num-rounds": 4, "clipping": "none",
+                               "seed": SEED, "sample-level-dir": str(ledgers), "sample-level-epsilon": 4.0}
+    )
+    assert report["rounds_run"] == 4
+    times_sampled = {c: sum(c in s for s in report["sampled"]) for c in range(K)}
+    declined = trained = 0
+    for client, sampled in times_sampled.items():
+        path = ledgers / f"client-{client}.db"
+        history = BudgetLedger(path).history(f"client-{client}") if sampled else []
+        # One settled entry per round the client trained in: its epsilon composes every round it took part in.
+        assert all(e.status == "spent" and e.steps > 0 and e.privacy_unit == "example" for e in history)
+        assert len(history) <= sampled
+        if history:
+            ledger = BudgetLedger(path)
+            assert ledger.spent(f"client-{client}") <= 4.0
+            if len(history) > 1:
+                first = compute_epsilon(history[0].sample_rate, history[0].noise_multiplier, history[0].steps, 1e-3)
+                assert ledger.spent(f"client-{client}") > first * 1.2
+            if len(history) < sampled:  # it declined: another round would not have fitted its budget
+                round_steps = math.ceil(len(load_app().data_fn(client, K)) / 32)  # Poisson at 1 / round_steps
+                assert history[0].sample_rate == 1 / round_steps
+                assert ledger.max_steps(f"client-{client}", 1 / round_steps, 1.0) < round_steps
+                declined += 1
+        trained += len(history)
+    assert trained == sum(m["clients"] for m in report["train_metrics"].values())
+    assert declined > 0 and trained > K // 2

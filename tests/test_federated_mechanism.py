@@ -1,0 +1,212 @@
+"""Client-level DP-FedAvg's mechanism and the client partitions, without Flower's runtime (tests/test_federated.py
+runs them on it): each aggregate against a per-client Python reference, the noise's std, the accounting, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import dp_accounting
+import numpy as np
+import pytest
+
+from dptrain.federated import ClientLevelGaussian, ClientSampler, dirichlet_partition
+from dptrain.federated.mechanism import clip_update, update_norm
+
+DELTA = 1e-5
+
+
+def _global(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {"w": rng.normal(size=(8, 5)).astype(np.float32), "b": rng.normal(size=5).astype(np.float32)}
+
+
+def _reference_mean(global_arrays, replies, clip, divisor):
+    """The clipped mean update, one client at a time, in plain Python floats."""
+    names = list(global_arrays)
+    total = {n: np.zeros(global_arrays[n].shape) for n in names}
+    for reply in replies:
+        update = {n: reply[n].astype(np.float64) - global_arrays[n].astype(np.float64) for n in names}
+        norm = math.sqrt(sum(float(x) ** 2 for n in names for x in update[n].ravel()))
+        scale = min(1.0, clip / norm) if norm else 1.0
+        for n in names:
+            total[n] += update[n] * scale
+    return {n: global_arrays[n].astype(np.float64) + total[n] / divisor for n in names}
+
+
+def test_noise_free_round_is_the_clipped_mean_over_q_k_of_a_per_client_reference():
+    rng = np.random.default_rng(0)
+    global_arrays = _global(rng)
+    mechanism = ClientLevelGaussian(num_clients=8, sample_rate=0.5, noise_multiplier=0.0, max_norm=1.0, seed=1)
+    sampled = mechanism.sample(1)
+    assert sampled and len(sampled) < 8
+    # Small, large and adversarially large updates (1e30: the norm's squares overflow float32, not float64).
+    scales = [0.01, 3.0, 1e30, 0.5, 1e-20, 7.0, 2.0, 1.0]
+    replies = {c: {n: a + scales[c] * rng.normal(size=a.shape).astype(np.float32) for n, a in global_arrays.items()}
+               for c in sampled}
+    new = mechanism.aggregate(global_arrays, replies)
+    expected = _reference_mean(global_arrays, [replies[c] for c in sorted(replies)], 1.0, 0.5 * 8)
+    for n in global_arrays:
+        assert new[n].dtype == np.float32
+        np.testing.assert_allclose(new[n], expected[n].astype(np.float32), rtol=1e-6, atol=1e-6)
+    record = mechanism.rounds[0]
+    assert record.contributed == sorted(replies) and record.dropped == {}
+    # No client moves the model by more than C / (q K), whatever it sends.
+    move = update_norm({n: new[n].astype(np.float64) - global_arrays[n] for n in new})
+    assert move <= len(sampled) * 1.0 / 4 + 1e-5
+
+
+def test_clip_update_bounds_every_norm_and_keeps_small_updates():
+    rng = np.random.default_rng(1)
+    for scale in (1e-8, 0.3, 1.0, 5.0, 1e150):
+        update = {"a": scale * rng.normal(size=(3, 4)), "b": scale * rng.normal(size=2)}
+        clipped, norm = clip_update(update, 1.0)
+        assert update_norm(clipped) <= 1.0 * (1 + 1e-12)
+        if norm <= 1.0:
+            assert all(np.array_equal(clipped[k], update[k]) for k in update)
+        else:
+            assert update_norm(clipped) == pytest.approx(1.0, rel=1e-12)
+
+
+def test_noise_std_of_the_aggregate_is_sigma_c_over_q_k():
+    # Clients that send the global model back contribute 0: what moves the model is the noise alone.
+    global_arrays = {"w": np.zeros(40_000, dtype=np.float64)}
+    mechanism = ClientLevelGaussian(num_clients=20, sample_rate=0.25, noise_multiplier=1.5, max_norm=0.4, seed=3)
+    sampled = mechanism.sample(1)
+    new = mechanism.aggregate(global_arrays, {c: global_arrays for c in sampled})
+    expected = 1.5 * 0.4 / (0.25 * 20)
+    # 40,000 draws: the sample std is within 2% of the truth with probability > 1 - 1e-9 (seeded).
+    assert np.std(new["w"]) == pytest.approx(expected, rel=0.02)
+    assert abs(np.mean(new["w"])) < 5 * expected / math.sqrt(40_000)
+
+
+def test_seeded_rounds_repeat_and_seeds_differ():
+    def run(seed):
+        mechanism = ClientLevelGaussian(num_clients=10, sample_rate=0.3, noise_multiplier=1.0, max_norm=1.0, seed=seed)
+        return mechanism.sample(1), mechanism.aggregate({"w": np.zeros(4)}, {})["w"]
+
+    (s1, w1), (s2, w2), (_, w3) = run(5), run(5), run(6)
+    assert s1 == s2 and np.array_equal(w1, w2)
+    assert not np.array_equal(w1, w3)
+
+
+def test_poisson_client_sampling_varies_includes_zero_and_matches_q():
+    sampler = ClientSampler(num_clients=5, sample_rate=0.2, seed=0)
+    counts = [len(sampler.sample()) for _ in range(4000)]
+    # Binomial(5, 0.2): mean 1, P[0] = 0.328. Tolerances are > 5 standard errors of 4000 draws.
+    assert np.mean(counts) == pytest.approx(1.0, abs=0.08)
+    assert np.mean(np.array(counts) == 0) == pytest.approx(0.8**5, abs=0.04)
+    assert ClientSampler(num_clients=3, sample_rate=1.0).sample() == [0, 1, 2]
+
+
+def test_epsilon_is_dp_accountings_for_the_rounds_aggregated():
+    mechanism = ClientLevelGaussian(num_clients=10, sample_rate=0.3, noise_multiplier=1.2, max_norm=1.0, seed=0)
+    for r in range(1, 6):
+        mechanism.sample(r)
+        mechanism.aggregate({"w": np.zeros(3)}, {})
+    accountant = dp_accounting.pld.PLDAccountant()
+    accountant.compose(
+        dp_accounting.PoissonSampledDpEvent(0.3, dp_accounting.GaussianDpEvent(1.2)), 5
+    )
+    assert mechanism.epsilon(DELTA) == pytest.approx(accountant.get_epsilon(DELTA), rel=1e-6)
+    assert mechanism.accountant.history == [(1.2, 0.3, 5)]
+
+
+def test_malformed_replies_are_dropped_and_the_round_still_charged():
+    global_arrays = {"w": np.zeros((2, 2), dtype=np.float32), "b": np.zeros(2, dtype=np.float32)}
+    mechanism = ClientLevelGaussian(num_clients=4, sample_rate=1.0, noise_multiplier=0.0, max_norm=1.0, seed=0)
+    mechanism.sample(1)
+    good = {"w": np.full((2, 2), 0.1, dtype=np.float32), "b": np.zeros(2, dtype=np.float32)}
+    replies = {
+        0: good,
+        1: {"w": np.full((2, 2), np.nan, dtype=np.float32), "b": np.zeros(2, dtype=np.float32)},
+        2: {"w": np.zeros((2, 3), dtype=np.float32), "b": np.zeros(2, dtype=np.float32)},
+        3: {"w": np.zeros((2, 2), dtype=np.float32)},
+    }
+    new = mechanism.aggregate(global_arrays, replies)
+    record = mechanism.rounds[0]
+    assert record.contributed == [0] and set(record.dropped) == {1, 2, 3}
+    assert "NaN" in record.dropped[1] and "shape" in record.dropped[2] and "missing ['b']" in record.dropped[3]
+    np.testing.assert_allclose(new["w"], 0.1 / 4)  # divided by q K = 4, not by the one that contributed
+    assert mechanism.accountant.steps == 1
+
+
+def test_client_clipped_updates_over_the_norm_are_dropped():
+    mechanism = ClientLevelGaussian(num_clients=2, sample_rate=1.0, noise_multiplier=0.0, max_norm=1.0, seed=0)
+    mechanism.sample(1)
+    inside, outside = {"w": np.array([0.6, 0.8])}, {"w": np.array([1.2, 1.6])}
+    new = mechanism.aggregate({"w": np.zeros(2)}, {0: inside, 1: outside}, clipped_by_clients=True)
+    assert mechanism.rounds[0].contributed == [0] and "not clipped" in mechanism.rounds[0].dropped[1]
+    np.testing.assert_allclose(new["w"], [0.3, 0.4])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"sample_rate": 0.0}, "in \\(0, 1\\]"),
+        ({"sample_rate": 1.5}, "in \\(0, 1\\]"),
+        ({"max_norm": 0.0}, "max_norm"),
+        ({"max_norm": -1.0}, "max_norm"),
+        ({"noise_multiplier": -0.1}, "noise_multiplier"),
+        ({"num_clients": 0}, "num_clients"),
+        ({"seed": 1, "secure_mode": True}, "secure_mode"),
+    ],
+)
+def test_bad_parameters_are_refused(kwargs, message):
+    settings = {"num_clients": 4, "sample_rate": 0.5, "noise_multiplier": 1.0, "max_norm": 1.0, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        ClientLevelGaussian(**settings)
+
+
+def test_misuse_of_rounds_is_refused():
+    mechanism = ClientLevelGaussian(num_clients=4, sample_rate=0.5, noise_multiplier=1.0, max_norm=1.0, seed=2)
+    with pytest.raises(RuntimeError, match="follows sample"):
+        mechanism.aggregate({"w": np.zeros(2)}, {})
+    sampled = mechanism.sample(1)
+    outsider = next(c for c in range(4) if c not in sampled)
+    with pytest.raises(ValueError, match="not sampled"):
+        mechanism.aggregate({"w": np.zeros(2)}, {outsider: {"w": np.zeros(2)}})
+    with pytest.raises(ValueError, match="integer buffers"):
+        mechanism.aggregate({"steps": np.zeros(2, dtype=np.int64)}, {})
+    mechanism.aggregate({"w": np.zeros(2)}, {})
+    with pytest.raises(RuntimeError, match="once per round"):
+        mechanism.aggregate({"w": np.zeros(2)}, {})
+    assert mechanism.accountant.steps == 1
+
+
+def test_secure_mode_draws_from_the_os():
+    mechanism = ClientLevelGaussian(num_clients=4, sample_rate=1.0, noise_multiplier=1.0, max_norm=1.0, secure_mode=True)
+    mechanism.sample(1)
+    assert np.std(mechanism.aggregate({"w": np.zeros(10_000)}, {})["w"]) == pytest.approx(0.25, rel=0.05)
+
+
+# -- partitions -------------------------------------------------------------------------------------------------------
+
+
+def test_dirichlet_partition_is_a_seeded_non_iid_partition():
+    labels = np.repeat(np.arange(10), 100)
+    parts = dirichlet_partition(labels, 20, alpha=0.5, seed=0)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(1000))  # disjoint and complete
+    assert min(len(p) for p in parts) >= 1
+    assert all(np.array_equal(a, b) for a, b in zip(parts, dirichlet_partition(labels, 20, alpha=0.5, seed=0)))
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, dirichlet_partition(labels, 20, alpha=0.5, seed=1)))
+
+    def mean_classes(alpha):
+        split = dirichlet_partition(labels, 20, alpha=alpha, seed=0)
+        # Classes holding 90% of a client's examples: few when non-IID, most of the 10 when IID.
+        counts = [np.sort(np.bincount(labels[p], minlength=10))[::-1] for p in split]
+        return np.mean([np.searchsorted(np.cumsum(c) / c.sum(), 0.9) + 1 for c in counts])
+
+    assert mean_classes(0.1) < 3 < 8 < mean_classes(1000.0)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (([], 3), "non-empty"),
+        (([0, 1, 2], 0), "num_clients"),
+        (([0, 1, 2], 2, 0.0), "alpha"),
+        (([0, 1, 2], 4), "cannot give 4 clients"),
+    ],
+)
+def test_dirichlet_partition_bad_input(args, message):
+    with pytest.raises(ValueError, match=message):
+        dirichlet_partition(*args)

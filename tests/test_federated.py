@@ -159,3 +159,19 @@ def test_sample_level_clients_are_charged_cumulatively_and_decline_when_their_bu
         trained += len(history)
     assert trained == sum(m["clients"] for m in report["train_metrics"].values())
     assert declined > 0 and trained > K // 2
+
+
+def test_readme_example_stops_at_the_budget_and_prints_what_it_shows(tmp_path: Path, monkeypatch, capsys):
+    from readme import readme_section
+
+    section = readme_section("Federated learning")
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    shown = section.split("\nprints `", 1)[1].split("`", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+    exec(compile(code, "README.md", "exec"), {"__name__": "__readme__"})
+    assert shown in capsys.readouterr().out.splitlines()
+    ledger = BudgetLedger(tmp_path / "privacy.db")
+    [entry] = ledger.history("hospitals")
+    assert (entry.status, entry.steps, entry.privacy_unit) == ("spent", 10, "client")
+    assert ledger.max_steps("hospitals", 0.25, 1.5, client_level=True) == 0  # the budget allowed those 10 rounds

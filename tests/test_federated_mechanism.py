@@ -210,3 +210,50 @@ def test_dirichlet_partition_is_a_seeded_non_iid_partition():
 def test_dirichlet_partition_bad_input(args, message):
     with pytest.raises(ValueError, match=message):
         dirichlet_partition(*args)
+
+
+# -- the strategy's settings (no runtime needed) ----------------------------------------------------------------------
+
+
+def test_strategy_calibrates_sigma_and_keeps_sigma_and_c_fixed(tmp_path):
+    from dptrain.accounting import compute_epsilon
+    from dptrain.federated import DPFedAvg
+
+    strategy = DPFedAvg(num_clients=100, sample_rate=0.1, max_norm=0.5, target_epsilon=2.0, delta=DELTA, num_rounds=50)
+    assert 0.98 * 2.0 <= compute_epsilon(0.1, strategy.noise_multiplier, 50, DELTA) <= 2.0
+    with pytest.raises(AttributeError):
+        strategy.max_norm = 1.0  # a clipping norm changed mid-run: refused
+    with pytest.raises(AttributeError):
+        strategy.noise_multiplier = 0.1
+    assert strategy.extra_config() == {"dptrain.clip-norm": 0.5, "dptrain.clipping": "server"}
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"noise_multiplier": 1.0, "clipping": "both"}, "'server' or 'client'"),
+        ({}, "noise_multiplier=, or target_epsilon="),
+        ({"target_epsilon": 1.0, "num_rounds": 10}, "noise_multiplier=, or target_epsilon="),
+        ({"noise_multiplier": 1.0, "target_epsilon": 1.0, "delta": DELTA}, "not both"),
+        ({"noise_multiplier": 1.0, "delta": 2.0}, "delta"),
+        ({"noise_multiplier": 1.0, "budget": "x"}, "both ledger= and budget="),
+        ({"noise_multiplier": 1.0, "sample_rate": 0.0}, "in \\(0, 1\\]"),
+        ({"noise_multiplier": 1.0, "max_norm": 0.0}, "max_norm"),
+    ],
+)
+def test_strategy_bad_settings_are_refused(kwargs, message):
+    from dptrain.federated import DPFedAvg
+
+    settings = {"num_clients": 10, "sample_rate": 0.5, "max_norm": 1.0, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        DPFedAvg(**settings)
+
+
+def test_strategy_refuses_a_budget_that_does_not_protect_clients(tmp_path):
+    from dptrain.budget import BudgetLedger
+    from dptrain.federated import DPFedAvg
+
+    ledger = BudgetLedger(tmp_path / "l.db")
+    ledger.create("patients", 3.0, DELTA)
+    with pytest.raises(ValueError, match="privacy_unit='client'"):
+        DPFedAvg(num_clients=10, sample_rate=0.5, max_norm=1.0, noise_multiplier=1.0, ledger=ledger, budget="patients")

@@ -47,6 +47,7 @@ TESTED = {
     ("`dptrain train CONFIG.toml`", 0): "test_the_config_block_is_the_example_config",
     ("`dptrain train CONFIG.toml`", 1): "test_the_invalid_config_output_is_what_dptrain_prints",
     ("Fine-tuning with LoRA, per user", 0): "tests/test_lm_readme.py::test_lora_example_runs",
+    ("Federated learning", 0): "tests/test_federated.py::test_readme_example_stops_at_the_budget_and_prints_what_it_shows",
 }
 
 

@@ -78,8 +78,8 @@ def _add_experiment(subparsers: Any) -> None:
     subparsers.add_parser(
         "experiment",
         add_help=False,
-        help="research experiments, e.g. memorization: do DP language models repeat planted secrets? "
-        "(dptrain experiment --help)",
+        help="research experiments: memorization (do DP language models repeat planted secrets?) and federated "
+        "(FedAvg with client- and sample-level DP on Flower) (dptrain experiment --help)",
     )
 
 

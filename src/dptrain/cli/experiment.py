@@ -1,10 +1,15 @@
-"""``dptrain experiment memorization``: does fine-tuning make a small GPT-2 repeat customers' secrets, with and
-without user-level DP?
+"""``dptrain experiment memorization|federated``.
+
+``memorization``: does fine-tuning make a small GPT-2 repeat customers' secrets, with and without user-level DP?
 
 Generates the synthetic support-chat corpus with canary pins (each repeated 1, 4 and 16 times by its user),
 pre-trains a small GPT-2 on public conversations, fine-tunes copies non-privately and with user-level DP-SGD at
 each ``--epsilon``, and reports validation perplexity, canary exposure and greedy extraction per run, with each DP
 run's privacy ledger (fine-tuning vs evaluation). See ``dptrain.lm.memorization``.
+
+``federated``: FedAvg on digits among 50 non-IID clients on Flower's simulation runtime, without DP, with
+client-level DP at each ``--epsilon`` and with sample-level DP inside the clients. See
+``dptrain.federated.experiment``.
 
 Exit status 0 (the result, separated or not, is in the output); 2 for invalid options.
 """
@@ -20,19 +25,26 @@ from typing import Any, TextIO
 
 from dptrain.cli.common import fmt, format_table
 
-EXPERIMENTS = ("memorization",)
+EXPERIMENTS = ("memorization", "federated")
+#: Options only the memorization experiment takes (refused for the federated one rather than ignored).
+MEMORIZATION_ONLY = ("epochs", "users", "lora_rank", "exposure_samples", "ledger")
+FEDERATED_ONLY = ("rounds", "clients")
 
 
 def add_experiment_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the arguments of ``dptrain experiment`` to ``parser``: the experiment's name (``memorization``) and its
-    options."""
+    """Add the arguments of ``dptrain experiment`` to ``parser``: the experiment's name and its options."""
     parser.add_argument("experiment", choices=EXPERIMENTS, help="which experiment to run")
     parser.add_argument(
-        "--quick", action="store_true", help="smaller corpus and evaluation: about 2 minutes on 2 CPU cores"
+        "--quick", action="store_true", help="smaller corpus or fewer rounds: about 2 minutes on 2 CPU cores"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    parser.add_argument("--epsilon", type=float, nargs="+", default=None, help="user-level DP targets (default 8 3)")
+    parser.add_argument(
+        "--epsilon", type=float, nargs="+", default=None,
+        help="DP targets: user-level (memorization, default 8 3) or client-level (federated, default 1 3 8)",
+    )  # fmt: skip
     parser.add_argument("--delta", type=float, default=None, help="delta of every DP run (default 1e-5)")
+    parser.add_argument("--rounds", type=int, default=None, help="federated: rounds per setting (default 40, --quick 10)")
+    parser.add_argument("--clients", type=int, default=None, help="federated: clients K (default 50)")
     parser.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default 12)")
     parser.add_argument("--users", type=int, default=None, help="training users (default 1000, --quick 400)")
     parser.add_argument(
@@ -45,6 +57,13 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
     )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     return parser
+
+
+def _check_targets(epsilons: tuple[float, ...], delta: float) -> None:
+    if any(not (e > 0 and math.isfinite(e)) for e in epsilons):
+        raise ValueError(f"--epsilon values must be finite and > 0, got {list(epsilons)}")
+    if not 0 < delta < 1:
+        raise ValueError(f"--delta must be in (0, 1), got {delta}")
 
 
 def _config(args: argparse.Namespace) -> Any:
@@ -61,10 +80,7 @@ def _config(args: argparse.Namespace) -> Any:
         if value is not None:
             overrides[field_name] = value
     config = replace(config, **overrides)
-    if any(not (e > 0 and math.isfinite(e)) for e in config.epsilons):
-        raise ValueError(f"--epsilon values must be finite and > 0, got {list(config.epsilons)}")
-    if not 0 < config.delta < 1:
-        raise ValueError(f"--delta must be in (0, 1), got {config.delta}")
+    _check_targets(config.epsilons, config.delta)
     if config.epochs <= 0 or config.num_users <= len(config.canary_repeats) * config.canaries_per_level:
         raise ValueError("--epochs must be > 0 and --users larger than the number of canary users")
     if config.lora_rank < 0 or config.exposure_samples <= 0:
@@ -123,29 +139,76 @@ def format_report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _federated_config(args: argparse.Namespace) -> Any:
+    from dptrain.federated.experiment import QUICK, FederatedConfig  # Flower and torch: loaded to run
+
+    config = QUICK if args.quick else FederatedConfig()
+    options = {"epsilon": "epsilons", "delta": "delta", "rounds": "rounds", "clients": "num_clients", "seed": "seed"}
+    overrides = {name: getattr(args, option) for option, name in options.items() if getattr(args, option) is not None}
+    if "epsilons" in overrides:
+        overrides["epsilons"] = tuple(float(e) for e in overrides["epsilons"])
+    config = replace(config, **overrides)
+    _check_targets(config.epsilons, config.delta)
+    if config.rounds <= 0 or config.num_clients < 2:
+        raise ValueError("--rounds must be > 0 and --clients >= 2")
+    return config
+
+
+def format_federated_report(result: dict[str, Any]) -> str:
+    """The federated experiment's rows as a table, with what each privacy unit means."""
+    config = result["config"]
+    header = ["setting", "privacy unit", "eps", "delta", "rounds", "clients/round", "accuracy", "seconds"]
+    rows = [
+        [r["setting"], r["privacy_unit"], "inf" if r["epsilon"] is None else fmt(r["epsilon"], ".2f"),
+         "-" if r["delta"] is None else f"{r['delta']:g}", str(r["rounds"]), f"{r['clients_per_round']:.1f}",
+         f"{r['accuracy']:.3f}", f"{r['seconds']:.0f}"]
+        for r in result["rows"]
+    ]  # fmt: skip
+    return "\n".join([
+        f"dptrain experiment federated: digits among K={config['num_clients']} clients (Dirichlet alpha "
+        f"{config['alpha']:g} over labels), Poisson client sampling q={config['sample_rate']:g}, {config['rounds']} "
+        f"rounds, {config['local_epochs']} local epochs; Flower simulation runtime; accuracy on the held-out 20%",
+        format_table(rows, header),
+        "client: epsilon over clients (a client with all its data), DP-FedAvg with updates clipped to "
+        f"{config['max_norm']:g}; example: each client's DP-SGD, the largest client's epsilon over its own rounds. "
+        f"delta {config['delta']:g} is far below 1/K = {1 / config['num_clients']:.2g}: no replication needed.",
+        f"({result['seconds']:.0f} s)",
+    ])  # fmt: skip
+
+
 def run_experiment_command(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Run ``dptrain experiment <name>`` with parsed ``args``; print a report (or one JSON object with ``--json``)
     to ``out`` and progress to ``err`` (stderr) unless ``--json``. Raises ValueError for invalid options."""
     import torch  # loaded to run, not for --help
 
-    from dptrain.lm.memorization import run_memorization_experiment  # the LM stack: loaded to run
-
     out = out or sys.stdout
     err = err or sys.stderr
-    if getattr(args, "experiment", "memorization") != "memorization":
-        raise ValueError(f"unknown experiment {args.experiment!r}; choose from {EXPERIMENTS}")
-    config = _config(args)
+    experiment = getattr(args, "experiment", "memorization")
+    if experiment not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {experiment!r}; choose from {EXPERIMENTS}")
+    foreign = MEMORIZATION_ONLY if experiment == "federated" else FEDERATED_ONLY
+    misplaced = [f"--{o.replace('_', '-')}" for o in foreign if getattr(args, o, None) is not None]
+    if misplaced:
+        raise ValueError(f"{', '.join(misplaced)}: not an option of the {experiment} experiment")
+    config = _federated_config(args) if experiment == "federated" else _config(args)
     if args.threads <= 0:
         raise ValueError("--threads must be >= 1")
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
         log = None if args.json else (lambda line: print(line, file=err, flush=True))
-        result = run_memorization_experiment(config, ledger_path=args.ledger, log=log)
+        if experiment == "federated":
+            from dptrain.federated.experiment import run_federated_experiment
+
+            result = run_federated_experiment(config, log=log)
+        else:
+            from dptrain.lm.memorization import run_memorization_experiment  # the LM stack: loaded to run
+
+            result = run_memorization_experiment(config, ledger_path=args.ledger, log=log)
     finally:
         torch.set_num_threads(threads)
     if args.json:
         print(json.dumps(result), file=out)
     else:
-        print(format_report(result), file=out)
+        print((format_federated_report if experiment == "federated" else format_report)(result), file=out)
     return 0

@@ -223,9 +223,18 @@ class DPFedAvg(SampledFedAvg):
             secure_mode=secure_mode,
             accountant=accountant,
         )
-        self.noise_multiplier, self.max_norm = self.mechanism.noise_multiplier, self.mechanism.max_norm
         self.clipping, self.delta, self.ledger, self.budget = clipping, delta, ledger, budget
         self.planned_rounds: int | None = None
+
+    @property
+    def noise_multiplier(self) -> float:
+        """sigma, fixed for the run (read-only: a noise or clipping norm changed mid-run would void the accounting)."""
+        return self.mechanism.noise_multiplier
+
+    @property
+    def max_norm(self) -> float:
+        """C, the clipping norm of every update, fixed for the run (read-only)."""
+        return self.mechanism.max_norm
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, **kwargs: Any) -> Result:
         """Run at most ``num_rounds`` rounds, fewer if the budget allows fewer (logged), charging the budget."""

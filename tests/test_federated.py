@@ -7,8 +7,6 @@ test can redo a client's local training outside Flower and check the server's ag
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import math
 import os
 from pathlib import Path
@@ -16,78 +14,32 @@ from pathlib import Path
 import dp_accounting
 import numpy as np
 import pytest
-import torch
-from flwr.app import ConfigRecord
+from federated_helpers import CLIPPED_RUN, SEED, arrays, load_app, local_update, norm, simulate
 
 from dptrain.accounting import compute_epsilon
 from dptrain.budget import BudgetLedger
-from dptrain.federated.client import round_generator, train_locally
-from dptrain.federated.strategy import ROUND_KEY, SEED_KEY
 
-APP_DIR = Path(__file__).parent / "fl_app"
-K, Q, SEED = 10, 0.5, 7
-# Flower's simulation: Ray with the machine's 2 cores, one virtual client per core at a time.
-BACKEND = {"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2, "include_dashboard": False}}
+K, Q = 10, 0.5
 
 
-def load_app():
-    spec = importlib.util.spec_from_file_location("fedapp", APP_DIR / "fedapp.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def simulate(tmp_path: Path, name: str, **settings) -> dict:
-    """Run the app in Flower's simulation with ``settings``; the ServerApp's report."""
-    from flwr.simulation import run_simulation
-
-    os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
-    out = tmp_path / f"{name}.json"
-    server_app, client_app = load_app().build_apps({"out": str(out), **settings})
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=settings["num-clients"], backend_config=BACKEND)
-    return json.loads(out.read_text())
-
-
-def arrays(report_arrays: dict) -> dict[str, np.ndarray]:
-    return {k: np.asarray(v, dtype=np.float32) for k, v in report_arrays.items()}
-
-
-def local_update(global_arrays: dict[str, np.ndarray], client: int, server_round: int) -> dict[str, np.ndarray]:
-    """What client ``client`` sends in ``server_round`` minus the global arrays, computed here (float64)."""
-    app = load_app()
-    model = app.model_fn()
-    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in global_arrays.items()})
-    data = app.data_fn(client, K)
-    generator = round_generator(ConfigRecord({SEED_KEY: SEED, ROUND_KEY: server_round}), client)
-    train_locally(model, data, 1, 32, 0.1, torch.nn.functional.cross_entropy, generator)
-    return {k: v.detach().numpy().astype(np.float64) - global_arrays[k] for k, v in model.state_dict().items()}
-
-
-def norm(update: dict[str, np.ndarray]) -> float:
-    return math.sqrt(sum(float((a.astype(np.float64) ** 2).sum()) for a in update.values()))
-
-
-def test_noise_free_round_with_client_side_clipping_is_hand_computed_clipped_fedavg(tmp_path: Path):
-    clip = 0.05  # below every client's update norm: clipping binds
-    report = simulate(
-        tmp_path, "clip", **{"num-clients": K, "sample-rate": Q, "num-rounds": 1, "noise-multiplier": 0.0,
-                             "max-norm": clip, "clipping": "client", "seed": SEED}
-    )
-    [round_1] = report["rounds"]
-    assert round_1["sampled"] and round_1["contributed"] == round_1["sampled"] and round_1["dropped"] == {}
-    # The server only ever saw updates the clients had clipped: every norm it received is <= C.
-    assert all(n <= clip * (1 + 1e-9) for n in round_1["norms"])
-    initial = arrays(report["globals"][0])
-    expected = {k: v.astype(np.float64) for k, v in initial.items()}
-    for client in round_1["sampled"]:
-        update = local_update(initial, client, 1)
-        assert norm(update) > clip
-        scale = clip / norm(update)
-        for k in expected:
-            expected[k] += update[k] * scale / (Q * K)
-    final = arrays(report["final"])
-    for k in expected:
-        np.testing.assert_allclose(final[k], expected[k], rtol=0, atol=2e-6)
+def test_noise_free_rounds_with_client_side_clipping_are_hand_computed_clipped_fedavg(clipped_run: dict):
+    report, settings = clipped_run, CLIPPED_RUN
+    k, q, clip = settings["num-clients"], settings["sample-rate"], settings["max-norm"]
+    assert report["rounds_run"] == 2 and len(report["rounds"]) == 2
+    for r, record in enumerate(report["rounds"], start=1):
+        assert record["contributed"] == record["sampled"] and record["dropped"] == {}
+        # The server only ever saw updates the clients had clipped: every norm it received is <= C.
+        assert all(n <= clip * (1 + 1e-9) for n in record["norms"])
+        before = arrays(report["globals"][r - 1])
+        expected = {name: v.astype(np.float64) for name, v in before.items()}
+        for client in record["sampled"]:
+            update = local_update(before, client, r, k)
+            assert norm(update) > clip
+            for name in expected:
+                expected[name] += update[name] * (clip / norm(update)) / (q * k)
+        after = arrays(report["globals"][r])
+        for name in expected:
+            np.testing.assert_allclose(after[name], expected[name], rtol=0, atol=2e-6)
     assert report["epsilon"] == math.inf
 
 
@@ -116,7 +68,7 @@ def test_noised_rounds_match_sigma_c_over_q_k_stop_at_the_budget_and_are_account
         before, after = arrays(report["globals"][r - 1]), arrays(report["globals"][r])
         clipped_sum = {k: np.zeros(v.shape) for k, v in before.items()}
         for client in record["contributed"]:
-            update = local_update(before, client, r)
+            update = local_update(before, client, r, K)
             scale = min(1.0, clip / norm(update))
             for k in clipped_sum:
                 clipped_sum[k] += update[k] * scale
@@ -173,5 +125,5 @@ def test_readme_example_stops_at_the_budget_and_prints_what_it_shows(tmp_path: P
     assert shown in capsys.readouterr().out.splitlines()
     ledger = BudgetLedger(tmp_path / "privacy.db")
     [entry] = ledger.history("hospitals")
-    assert (entry.status, entry.steps, entry.privacy_unit) == ("spent", 10, "client")
-    assert ledger.max_steps("hospitals", 0.25, 1.5, client_level=True) == 0  # the budget allowed those 10 rounds
+    assert (entry.status, entry.steps, entry.privacy_unit) == ("spent", 5, "client")
+    assert ledger.max_steps("hospitals", 0.25, 1.5, client_level=True) == 0  # the budget allowed those 5 rounds

@@ -257,3 +257,48 @@ def test_strategy_refuses_a_budget_that_does_not_protect_clients(tmp_path):
     ledger.create("patients", 3.0, DELTA)
     with pytest.raises(ValueError, match="privacy_unit='client'"):
         DPFedAvg(num_clients=10, sample_rate=0.5, max_norm=1.0, noise_multiplier=1.0, ledger=ledger, budget="patients")
+
+
+# -- fixed-size client sampling ---------------------------------------------------------------------------------------
+
+
+def test_fixed_size_sampling_draws_m_distinct_clients_uniformly():
+    sampler = ClientSampler(num_clients=8, sample_size=3, seed=4)
+    draws = [sampler.sample() for _ in range(4000)]
+    assert all(len(d) == 3 == len(set(d)) and d == sorted(d) for d in draws)
+    frequency = np.bincount(np.concatenate(draws), minlength=8) / 4000
+    np.testing.assert_allclose(frequency, 3 / 8, atol=0.03)  # > 4 standard errors
+
+
+def test_fixed_size_rounds_divide_by_m_and_are_accounted_as_sampling_without_replacement():
+    mechanism = ClientLevelGaussian(num_clients=10, clients_per_round=4, noise_multiplier=0.0, max_norm=1.0, seed=0)
+    sampled = mechanism.sample(1)
+    assert len(sampled) == 4 and mechanism.sampling == "fixed" and mechanism.accountant is None
+    new = mechanism.aggregate({"w": np.zeros(2)}, {c: {"w": np.array([3.0, 4.0])} for c in sampled})
+    np.testing.assert_allclose(new["w"], [0.6, 0.8])  # four updates clipped to norm 1, summed, divided by m = 4
+    noisy = ClientLevelGaussian(num_clients=10, clients_per_round=4, noise_multiplier=1.3, max_norm=1.0, seed=0)
+    for r in range(1, 4):
+        noisy.sample(r)
+        noisy.aggregate({"w": np.zeros(2)}, {})
+    rdp = dp_accounting.rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    # Replace-one moves a sum of clipped updates by up to 2C: the Gaussian's multiplier for sensitivity 1 is sigma/2.
+    rdp.compose(dp_accounting.SampledWithoutReplacementDpEvent(10, 4, dp_accounting.GaussianDpEvent(1.3 / 2)), 3)
+    assert noisy.epsilon(DELTA) == pytest.approx(rdp.get_epsilon(DELTA), rel=1e-12)
+
+
+def test_fixed_size_strategy_calibrates_by_rdp_and_refuses_a_ledger(tmp_path):
+    from dptrain.accounting import fixed_size_epsilon
+    from dptrain.budget import BudgetLedger
+    from dptrain.federated import DPFedAvg
+
+    strategy = DPFedAvg(num_clients=100, clients_per_round=10, max_norm=1.0, target_epsilon=4.0, delta=DELTA, num_rounds=20)
+    assert strategy.sampling == "fixed"
+    assert 0.99 * 4.0 <= fixed_size_epsilon(100, 10, strategy.noise_multiplier, 20, DELTA) <= 4.0
+    ledger = BudgetLedger(tmp_path / "l.db")
+    ledger.create("hospitals", 3.0, DELTA, privacy_unit="client")
+    with pytest.raises(ValueError, match="replace-one guarantee"):
+        DPFedAvg(num_clients=10, clients_per_round=3, max_norm=1.0, noise_multiplier=1.0, ledger=ledger, budget="hospitals")
+    with pytest.raises(ValueError, match="one of them"):
+        DPFedAvg(num_clients=10, sample_rate=0.3, clients_per_round=3, max_norm=1.0, noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="clients_per_round must be an integer in \\[1, 10\\]"):
+        DPFedAvg(num_clients=10, clients_per_round=11, max_norm=1.0, noise_multiplier=1.0)

@@ -206,6 +206,33 @@ def compute_epsilon(
     return epsilon_of_event(event, delta, accountant)
 
 
+def fixed_size_epsilon(population: int, sample_size: int, noise_multiplier: float, steps: int, delta: float) -> float:
+    """Epsilon of ``steps`` Gaussian releases of a sum of ``sample_size`` units drawn uniformly without replacement from
+    ``population``, each clipped to C with noise std sigma C: RDP under *replace-one* neighbours (sampling without
+    replacement keeps the population size, so add/remove neighbours do not apply; Wang, Balle, Kasiviswanathan 2019).
+    Replacing one unit moves the sum by up to 2C, so the Gaussian's noise multiplier for sensitivity 1 is sigma / 2.
+    Not comparable with the add/remove epsilons of Poisson sampling: label it as a replace-one guarantee."""
+    check_noise_multiplier(noise_multiplier)
+    check_steps(steps)
+    check_delta(delta)
+    for value, name in ((population, "population"), (sample_size, "sample_size")):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if sample_size > population:
+        raise ValueError(f"sample_size {sample_size} exceeds the population {population}")
+    if steps == 0:
+        return 0.0
+    if noise_multiplier == 0:
+        return math.inf
+    gaussian = dp_accounting.GaussianDpEvent(noise_multiplier / 2)
+    step = gaussian if sample_size == population else dp_accounting.SampledWithoutReplacementDpEvent(
+        int(population), int(sample_size), gaussian
+    )
+    accountant = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    accountant.compose(step, int(steps))
+    return float(accountant.get_epsilon(delta))
+
+
 def run_length_encode(records: Iterable[StepRecord]) -> list[StepRecord]:
     """Merge records with equal (sample_rate, noise_multiplier, group_size), in a canonical (sorted) order.
 

@@ -118,9 +118,8 @@ def build_apps(overrides: dict[str, Any] | None = None):
             delta=1e-3,
             ledger_dir=client_overrides["sample-level-dir"],
         )
-    if client_overrides.get("clipping") == "client":
-        client_options["mods"] = [client_clipping_mod]
-    client_app = dptrain_client_app(model_fn, data_fn, **client_options)
+    # The mod clips only when the strategy asks for client-side clipping; otherwise replies pass through untouched.
+    client_app = dptrain_client_app(model_fn, data_fn, mods=[client_clipping_mod], **client_options)
     return server_app, client_app
 
 

@@ -198,7 +198,7 @@ def run_experiment_command(args: argparse.Namespace, out: TextIO | None = None, 
     try:
         log = None if args.json else (lambda line: print(line, file=err, flush=True))
         if experiment == "federated":
-            from dptrain.federated.experiment import run_federated_experiment
+            from dptrain.federated.experiment import run_federated_experiment  # Flower: loaded to run
 
             result = run_federated_experiment(config, log=log)
         else:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dptrain.accounting import Accountant, check_noise_multiplier, check_positive
+from dptrain.accounting import Accountant, check_noise_multiplier, check_positive, fixed_size_epsilon
 from dptrain.randomness import RandomSource
 
 Arrays = Mapping[str, np.ndarray]
@@ -103,21 +103,39 @@ def _seeded(seed: int | None, stream: int) -> torch.Generator | None:
 
 
 class ClientSampler:
-    """Poisson sampling of clients 0..K-1: each independently with probability ``sample_rate`` every round."""
+    """Clients 0..K-1 for each round: Poisson sampling (each independently with probability ``sample_rate``), or,
+    with ``sample_size`` m, m distinct clients uniformly without replacement (fixed-size, Flower's default)."""
 
-    def __init__(self, num_clients: int, sample_rate: float, seed: int | None = None, secure_mode: bool = False) -> None:
+    def __init__(
+        self,
+        num_clients: int,
+        sample_rate: float | None = None,
+        seed: int | None = None,
+        secure_mode: bool = False,
+        sample_size: int | None = None,
+    ) -> None:
         check_num_clients(num_clients)
+        if (sample_rate is None) == (sample_size is None):
+            raise ValueError("pass sample_rate= (Poisson sampling) or clients_per_round= (fixed size), one of them")
+        if sample_size is not None:
+            if isinstance(sample_size, bool) or not isinstance(sample_size, numbers.Integral) or not 1 <= sample_size <= num_clients:
+                raise ValueError(f"clients_per_round must be an integer in [1, {num_clients}], got {sample_size!r}")
+            sample_rate = sample_size / num_clients
         check_client_sample_rate(sample_rate)
         if secure_mode and seed is not None:
             raise ValueError("secure_mode draws from the OS CSPRNG and cannot be seeded; pass seed= or secure_mode=True")
         self.num_clients = int(num_clients)
         self.sample_rate = float(sample_rate)
+        self.sample_size = None if sample_size is None else int(sample_size)
+        self.sampling = "poisson" if sample_size is None else "fixed"
         self._random = RandomSource(secure_mode, _seeded(seed, 0))
 
     def sample(self) -> list[int]:
         if self.sample_rate == 1.0:
             return list(range(self.num_clients))
         draws = self._random.uniform(self.num_clients)
+        if self.sample_size is not None:  # the m smallest of K uniforms: a uniformly random m-subset
+            return sorted(int(i) for i in torch.argsort(draws)[: self.sample_size])
         return [i for i in range(self.num_clients) if float(draws[i]) < self.sample_rate]
 
 
@@ -127,14 +145,17 @@ class ClientLevelGaussian:
 
     ``seed`` makes the client sampling and the noise reproducible (tests, simulation vs deployment); without it both
     come from generators seeded by the OS, and ``secure_mode`` draws them from the OS CSPRNG. The accountant records
-    one Poisson-sampled Gaussian event per :meth:`aggregate`.
+    one Poisson-sampled Gaussian event per :meth:`aggregate`. With ``clients_per_round`` m instead of ``sample_rate``,
+    m clients are drawn without replacement, the sum is divided by m, and epsilon is the RDP bound for sampling
+    without replacement under replace-one neighbours (:func:`dptrain.accounting.fixed_size_epsilon`), never Poisson's.
     """
 
     def __init__(
         self,
         *,
         num_clients: int,
-        sample_rate: float,
+        sample_rate: float | None = None,
+        clients_per_round: int | None = None,
         noise_multiplier: float,
         max_norm: float,
         seed: int | None = None,
@@ -143,18 +164,20 @@ class ClientLevelGaussian:
     ) -> None:
         check_noise_multiplier(noise_multiplier)
         check_positive(max_norm, "max_norm (the clipping norm C)")
-        self.sampler = ClientSampler(num_clients, sample_rate, seed, secure_mode)
+        self.sampler = ClientSampler(num_clients, sample_rate, seed, secure_mode, clients_per_round)
         self.num_clients, self.sample_rate = self.sampler.num_clients, self.sampler.sample_rate
+        self.sampling = self.sampler.sampling
         self.noise_multiplier = float(noise_multiplier)
         self.max_norm = float(max_norm)
         self._noise = RandomSource(secure_mode, _seeded(seed, 1))
-        self.accountant = Accountant(accountant)
+        # Poisson rounds go to an accountant (PLD or RDP); fixed-size rounds have their own RDP bound (epsilon()).
+        self.accountant = Accountant(accountant) if self.sampling == "poisson" else None
         self.rounds: list[RoundRecord] = []
 
     @property
     def expected_clients(self) -> float:
-        """q K, the divisor of the noisy sum."""
-        return self.sample_rate * self.num_clients
+        """The divisor of the noisy sum: q K (Poisson), or m, the clients drawn (fixed size)."""
+        return float(self.sampler.sample_size) if self.sampling == "fixed" else self.sample_rate * self.num_clients
 
     def sample(self, round_number: int) -> list[int]:
         """The clients (0..K-1) taking part in round ``round_number``, each independently with probability q."""
@@ -201,10 +224,18 @@ class ClientLevelGaussian:
             noise = self._noise.normal(torch.Size(total[name].shape), torch.float64, torch.device("cpu")).numpy()
             mean_update = (total[name] + std * noise) / self.expected_clients
             result[name] = (np.asarray(reference, dtype=np.float64) + mean_update).astype(np.asarray(reference).dtype)
-        self.accountant.step(self.sample_rate, self.noise_multiplier)
+        if self.accountant is not None:
+            self.accountant.step(self.sample_rate, self.noise_multiplier)
         record.aggregated = True
         return result
 
     def epsilon(self, delta: float) -> float:
-        """Epsilon of the rounds aggregated so far, at ``delta`` (over clients)."""
+        """Epsilon of the rounds aggregated so far, at ``delta`` (over clients; replace-one for fixed-size sampling)."""
+        if self.accountant is None:
+            size = self.sampler.sample_size
+            return fixed_size_epsilon(self.num_clients, size, self.noise_multiplier, self.rounds_aggregated, delta)
         return self.accountant.get_epsilon(delta)
+
+    @property
+    def rounds_aggregated(self) -> int:
+        return sum(r.aggregated for r in self.rounds)

@@ -19,7 +19,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
-from dptrain.accounting import calibrate_noise, check_delta
+from dptrain.accounting import (
+    calibrate_noise,
+    check_delta,
+    check_positive,
+    fixed_size_epsilon,
+    smallest_noise_multiplier,
+)
 from dptrain.budget import BudgetLedger
 from dptrain.federated.mechanism import (
     Arrays,
@@ -48,14 +54,22 @@ def to_record(arrays: Arrays) -> ArrayRecord:
 
 
 class SampledFedAvg(FedAvg):
-    """FedAvg over K clients, each sampled independently with probability ``sample_rate`` per round (seeded), the
-    replies averaged weighted by their ``num-examples`` metric. Not private by itself: the base of :class:`DPFedAvg`
+    """FedAvg over K clients, each sampled independently with probability ``sample_rate`` per round (seeded; or
+    ``clients_per_round`` drawn without replacement), the replies averaged weighted by their ``num-examples`` metric. Not private by itself: the base of :class:`DPFedAvg`
     and the strategy for clients that are private on their own (sample-level DP, ``dptrain_client_app``)."""
 
     def __init__(
-        self, *, num_clients: int, sample_rate: float = 1.0, seed: int | None = None, node_timeout: float = 120.0
+        self,
+        *,
+        num_clients: int,
+        sample_rate: float | None = None,
+        clients_per_round: int | None = None,
+        seed: int | None = None,
+        node_timeout: float = 120.0,
     ) -> None:
-        self.sampler = ClientSampler(num_clients, sample_rate, seed)
+        if sample_rate is None and clients_per_round is None:
+            sample_rate = 1.0
+        self.sampler = ClientSampler(num_clients, sample_rate, seed, sample_size=clients_per_round)
         self.num_clients, self.sample_rate = self.sampler.num_clients, self.sampler.sample_rate
         self.seed = seed
         self.node_timeout = node_timeout
@@ -63,7 +77,7 @@ class SampledFedAvg(FedAvg):
         self.rounds_run = 0
         self.sampled_by_round: list[list[int]] = []  # the partitions sampled in each round
         self._global: dict[str, np.ndarray] = {}
-        super().__init__(fraction_train=sample_rate, fraction_evaluate=0.0, min_available_nodes=num_clients)
+        super().__init__(fraction_train=self.sample_rate, fraction_evaluate=0.0, min_available_nodes=num_clients)
 
     # -- start: find the clients -------------------------------------------------------------------------------
 
@@ -166,6 +180,26 @@ class SampledFedAvg(FedAvg):
         return None
 
 
+def calibrated_noise(
+    target_epsilon: float,
+    delta: float,
+    rounds: int,
+    num_clients: int,
+    sample_rate: float | None,
+    clients_per_round: int | None,
+    accountant: str,
+) -> float:
+    """The smallest sigma reaching ``target_epsilon`` over ``rounds``, for Poisson or for fixed-size sampling."""
+    if clients_per_round is None:
+        return calibrate_noise(target_epsilon, delta, sample_rate, rounds, accountant)
+    check_positive(target_epsilon, "target_epsilon")
+
+    def eps(sigma: float) -> float:
+        return fixed_size_epsilon(num_clients, clients_per_round, sigma, rounds, delta)
+
+    return smallest_noise_multiplier(eps, target_epsilon, 0.01)
+
+
 class DPFedAvg(SampledFedAvg):
     """Client-level DP-FedAvg on Flower: Poisson client sampling at q, updates clipped to ``max_norm`` C over all
     arrays, N(0, (sigma C)^2) added once to the sum, divided by q K (see ``dptrain.federated.mechanism``).
@@ -176,14 +210,19 @@ class DPFedAvg(SampledFedAvg):
     calibrate it. ``ledger``/``budget``: a client-level budget (``privacy_unit="client"``) charged one step per round:
     the rounds are reserved before round 1 (no more than the budget allows: the run stops there) and settled to the
     rounds run. ``delta``: the delta of the reported epsilon (the budget's by default).
+
+    ``clients_per_round`` m instead of ``sample_rate``: fixed-size sampling (Flower's default), m clients without
+    replacement, the sum divided by m, accounted by RDP for sampling without replacement under replace-one neighbours
+    (``sampling == "fixed"``; never as Poisson). The ledger holds Poisson events only, so it refuses such a run.
     """
 
     def __init__(
         self,
         *,
         num_clients: int,
-        sample_rate: float,
         max_norm: float,
+        sample_rate: float | None = None,
+        clients_per_round: int | None = None,
         noise_multiplier: float | None = None,
         target_epsilon: float | None = None,
         delta: float | None = None,
@@ -200,6 +239,11 @@ class DPFedAvg(SampledFedAvg):
             raise ValueError(f"clipping must be 'server' or 'client' (who clips each update), got {clipping!r}")
         if (ledger is None) != (budget is None):
             raise ValueError("pass both ledger= and budget= (a client-level budget's name) to charge a budget, or neither")
+        if ledger is not None and clients_per_round is not None:
+            raise ValueError(
+                "the ledger composes Poisson-sampled rounds (add/remove neighbours); fixed-size client sampling "
+                "(clients_per_round=) is a replace-one guarantee it cannot hold: use sample_rate= to charge a budget"
+            )
         if ledger is not None:
             owner = ledger.budget(budget)
             if owner.privacy_unit != "client":
@@ -210,13 +254,22 @@ class DPFedAvg(SampledFedAvg):
         if noise_multiplier is None:
             if target_epsilon is None or delta is None or num_rounds is None:
                 raise ValueError("pass noise_multiplier=, or target_epsilon= with delta= and num_rounds= to calibrate it")
-            noise_multiplier = calibrate_noise(target_epsilon, delta, sample_rate, num_rounds, accountant)
+            noise_multiplier = calibrated_noise(
+                target_epsilon, delta, num_rounds, num_clients, sample_rate, clients_per_round, accountant
+            )
         elif target_epsilon is not None:
             raise ValueError("pass noise_multiplier= or target_epsilon=, not both")
-        super().__init__(num_clients=num_clients, sample_rate=sample_rate, seed=seed, node_timeout=node_timeout)
+        super().__init__(
+            num_clients=num_clients,
+            sample_rate=sample_rate,
+            clients_per_round=clients_per_round,
+            seed=seed,
+            node_timeout=node_timeout,
+        )
         self.mechanism = ClientLevelGaussian(
             num_clients=num_clients,
             sample_rate=sample_rate,
+            clients_per_round=clients_per_round,
             noise_multiplier=noise_multiplier,
             max_norm=max_norm,
             seed=seed,
@@ -224,7 +277,7 @@ class DPFedAvg(SampledFedAvg):
             accountant=accountant,
         )
         self.clipping, self.delta, self.ledger, self.budget = clipping, delta, ledger, budget
-        self.planned_rounds: int | None = None
+        self.sampling = self.mechanism.sampling  # "poisson" or "fixed": how epsilon is accounted
 
     @property
     def noise_multiplier(self) -> float:
@@ -239,7 +292,6 @@ class DPFedAvg(SampledFedAvg):
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, **kwargs: Any) -> Result:
         """Run at most ``num_rounds`` rounds, fewer if the budget allows fewer (logged), charging the budget."""
         if self.ledger is None:
-            self.planned_rounds = num_rounds
             return super().start(grid, initial_arrays, num_rounds, **kwargs)
         allowed = self.ledger.max_steps(self.budget, self.sample_rate, self.noise_multiplier, client_level=True)
         rounds = min(num_rounds, allowed)
@@ -249,11 +301,10 @@ class DPFedAvg(SampledFedAvg):
             self.budget, self.sample_rate, self.noise_multiplier, max(rounds, 1), client_level=True,
             note=f"DP-FedAvg, K={self.num_clients}, {max(rounds, 1)} rounds reserved",
         )
-        self.planned_rounds = rounds
         try:
             return super().start(grid, initial_arrays, rounds, **kwargs)
         finally:
-            self.ledger.settle(entry, self.mechanism.accountant.steps)
+            self.ledger.settle(entry, self.mechanism.rounds_aggregated)
 
     def sample_clients(self, server_round: int) -> list[int]:
         return self.mechanism.sample(server_round)

@@ -18,6 +18,7 @@ from federated_helpers import CLIPPED_RUN, SEED, arrays, load_app, local_update,
 
 from dptrain.accounting import compute_epsilon
 from dptrain.budget import BudgetLedger
+from dptrain.federated import ClientCanaries
 
 K, Q = 10, 0.5
 
@@ -53,7 +54,8 @@ def test_noised_rounds_match_sigma_c_over_q_k_stop_at_the_budget_and_are_account
     assert ledger.max_steps("federation", Q, sigma, client_level=True) == 2
     report = simulate(
         tmp_path, "noise", **{"num-clients": K, "sample-rate": Q, "num-rounds": 3, "noise-multiplier": sigma,
-                              "max-norm": clip, "clipping": "server", "seed": SEED, "ledger": str(ledger.path)}
+                              "max-norm": clip, "clipping": "server", "seed": SEED, "ledger": str(ledger.path),
+                              "canaries": 300}
     )
     # The budget allowed 2 of the 3 rounds asked: the run stopped there and was charged 2 rounds.
     assert report["rounds_run"] == 2 and len(report["rounds"]) == 2 and len(report["globals"]) == 3
@@ -62,11 +64,18 @@ def test_noised_rounds_match_sigma_c_over_q_k_stop_at_the_budget_and_are_account
     accountant = dp_accounting.pld.PLDAccountant()
     accountant.compose(dp_accounting.PoissonSampledDpEvent(Q, dp_accounting.GaussianDpEvent(sigma)), 2)
     assert report["epsilon"] == pytest.approx(accountant.get_epsilon(delta), rel=1e-9)
-    # The noise: new global - old global - (sum of clipped updates) / (q K), redone here, has std sigma C / (q K).
+    # The canary clients' audit ran on the final model, against the epsilon the run claims, and found no excess.
+    audit = report["audit"]
+    assert audit["num_canaries"] == 300 and audit["claimed_epsilon"] == report["epsilon"] and not audit["suspicious"]
+    # The noise: new global - old global - (sum of clipped updates, canaries' included) / (q K), redone here, has
+    # std sigma C / (q K). The canaries' picks replay from their seed.
+    canaries = ClientCanaries(300, seed=SEED)
     residuals = []
     for r, record in enumerate(report["rounds"], start=1):
         before, after = arrays(report["globals"][r - 1]), arrays(report["globals"][r])
-        clipped_sum = {k: np.zeros(v.shape) for k, v in before.items()}
+        injected = canaries.round_updates({k: v.astype(np.float64) for k, v in before.items()}, Q, clip)
+        assert record["canaries"] == len(injected) > 0
+        clipped_sum = {k: sum(u[k] for u in injected) for k in before}
         for client in record["contributed"]:
             update = local_update(before, client, r, K)
             scale = min(1.0, clip / norm(update))

@@ -302,3 +302,40 @@ def test_fixed_size_strategy_calibrates_by_rdp_and_refuses_a_ledger(tmp_path):
         DPFedAvg(num_clients=10, sample_rate=0.3, clients_per_round=3, max_norm=1.0, noise_multiplier=1.0)
     with pytest.raises(ValueError, match="clients_per_round must be an integer in \\[1, 10\\]"):
         DPFedAvg(num_clients=10, clients_per_round=11, max_norm=1.0, noise_multiplier=1.0)
+
+
+# -- canary clients ---------------------------------------------------------------------------------------------------
+
+
+def _audited_run(true_sigma: float, claimed_sigma: float, seed: int):
+    from dptrain.accounting import compute_epsilon
+    from dptrain.federated import ClientCanaries
+
+    rounds, q, k = 20, 0.5, 20
+    rng = np.random.default_rng(seed)
+    initial = {"w": rng.normal(size=(40, 50)), "b": np.zeros(50)}
+    canaries = ClientCanaries(1000, seed=seed)
+    mechanism = ClientLevelGaussian(num_clients=k, sample_rate=q, noise_multiplier=true_sigma, max_norm=1.0, seed=seed)
+    arrays = initial
+    for r in range(1, rounds + 1):
+        sampled = mechanism.sample(r)
+        replies = {c: {n: a + rng.normal(scale=0.05, size=a.shape) for n, a in arrays.items()} for c in sampled}
+        before = canaries.participations.sum()
+        arrays = mechanism.aggregate(arrays, replies, injected=canaries.round_updates(arrays, q, 1.0))
+        assert mechanism.rounds[-1].canaries == canaries.participations.sum() - before
+    claimed = compute_epsilon(q, claimed_sigma, rounds, DELTA)
+    return canaries, canaries.audit(initial, arrays, claimed_epsilon=claimed, delta=DELTA)
+
+
+def test_canary_clients_flag_a_run_with_a_quarter_of_its_noise_and_not_a_correct_one():
+    from dptrain.accounting import calibrate_noise
+
+    sigma = calibrate_noise(1.0, DELTA, 0.5, 20)
+    for seed in (0, 1):
+        canaries, correct = _audited_run(sigma, sigma, seed)
+        assert canaries.rounds == 20 and canaries.participations[~canaries.included].sum() == 0
+        assert canaries.participations[canaries.included].mean() == pytest.approx(10, abs=1.5)  # q R
+        assert not correct.suspicious and correct.empirical_epsilon_lower_bound <= correct.claimed_epsilon
+        _, broken = _audited_run(sigma / 4, sigma, seed)
+        assert broken.suspicious, broken.message()
+        assert broken.audit == "client-level canary clients" and broken.num_guesses == 200

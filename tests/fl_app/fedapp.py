@@ -17,7 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
 from dptrain.budget import BudgetLedger
-from dptrain.federated import DPFedAvg, SampledFedAvg, SampleLevelDP, client_clipping_mod, digits_clients, dptrain_client_app
+from dptrain.federated import ClientCanaries, DPFedAvg, SampledFedAvg, SampleLevelDP, client_clipping_mod, digits_clients, dptrain_client_app
 
 DEFAULTS: dict[str, Any] = {
     "num-clients": 4,
@@ -31,6 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "ledger": "",  # a client-level budget "federation" in this ledger file, if given
     "sample-level-dir": "",  # sample-level DP inside clients, their ledgers here, if given
     "sample-level-epsilon": 20.0,  # each client's own cap (delta 1e-3)
+    "canaries": 0,  # audit canary clients (ClientCanaries, seeded with "seed") injected by DPFedAvg
     "out": "",
 }
 
@@ -74,6 +75,7 @@ def build_apps(overrides: dict[str, Any] | None = None):
                 delta=None if ledger else s["delta"],
                 ledger=ledger,
                 budget="federation" if ledger else None,
+                canaries=ClientCanaries(s["canaries"], seed=s["seed"]) if s["canaries"] else None,
             )
         _, test = digits_clients(s["num-clients"], seed=DATA_SEED)
         model = model_fn()
@@ -94,11 +96,14 @@ def build_apps(overrides: dict[str, Any] | None = None):
         }
         if isinstance(strategy, DPFedAvg):
             report["rounds"] = [
-                {"sampled": r.sampled, "contributed": r.contributed, "norms": r.norms, "dropped": r.dropped}
+                {"sampled": r.sampled, "contributed": r.contributed, "norms": r.norms, "dropped": r.dropped,
+                 "canaries": r.canaries}
                 for r in strategy.mechanism.rounds
             ]
             report["epsilon"] = strategy.epsilon() if strategy.delta else None
             report["noise_multiplier"] = strategy.noise_multiplier
+            if strategy.canaries is not None:
+                report["audit"] = strategy.audit_canaries(result.arrays).to_dict()
         if final:
             model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in final.items()})
             with torch.no_grad():

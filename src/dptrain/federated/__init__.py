@@ -19,11 +19,13 @@ from dptrain.federated.client import (
     partition_id,
     register_partition_query,
 )
+from dptrain.federated.canaries import ClientCanaries
 from dptrain.federated.mechanism import ClientLevelGaussian, ClientSampler, MalformedUpdate, clip_update
 from dptrain.federated.partition import digits_clients, dirichlet_partition
 from dptrain.federated.strategy import DPFedAvg, SampledFedAvg
 
 __all__ = [
+    "ClientCanaries",
     "ClientLevelGaussian",
     "ClientSampler",
     "DPFedAvg",

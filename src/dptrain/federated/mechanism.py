@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -93,6 +93,7 @@ class RoundRecord:
     contributed: list[int] = field(default_factory=list)
     norms: list[float] = field(default_factory=list)
     dropped: dict[int, str] = field(default_factory=dict)
+    canaries: int = 0  # audit canary clients whose updates were injected
     aggregated: bool = False
 
 
@@ -186,7 +187,12 @@ class ClientLevelGaussian:
         return sampled
 
     def aggregate(
-        self, global_arrays: Arrays, replies: Mapping[int, Arrays], *, clipped_by_clients: bool = False
+        self,
+        global_arrays: Arrays,
+        replies: Mapping[int, Arrays],
+        *,
+        clipped_by_clients: bool = False,
+        injected: Sequence[Arrays] = (),
     ) -> dict[str, np.ndarray]:
         """The new global arrays from this round's ``replies`` (client id -> its returned arrays).
 
@@ -195,6 +201,7 @@ class ClientLevelGaussian:
         dropped (recorded in the round's ``dropped``) and contributes nothing. ``clipped_by_clients``: the replies
         are updates the clients clipped themselves (``client_clipping_mod``); one whose norm exceeds C (beyond
         float rounding) was clipped to another norm and is dropped. Every update is clipped here in any case.
+        ``injected``: updates of audit canary clients (``ClientCanaries``), clipped and summed like the others.
         """
         if not self.rounds or self.rounds[-1].aggregated:
             raise RuntimeError("aggregate() follows sample(), once per round")
@@ -218,6 +225,10 @@ class ClientLevelGaussian:
             record.norms.append(norm)
             for name, value in clipped.items():
                 total[name] += value
+        for update in injected:
+            for name, value in clip_update(update_of(update, global_arrays, is_update=True), self.max_norm)[0].items():
+                total[name] += value
+        record.canaries = len(injected)
         std = self.noise_multiplier * self.max_norm
         result = {}
         for name, reference in global_arrays.items():

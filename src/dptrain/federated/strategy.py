@@ -26,7 +26,9 @@ from dptrain.accounting import (
     fixed_size_epsilon,
     smallest_noise_multiplier,
 )
+from dptrain.audit.one_run import OneRunAuditResult
 from dptrain.budget import BudgetLedger
+from dptrain.federated.canaries import ClientCanaries
 from dptrain.federated.mechanism import (
     Arrays,
     ClientLevelGaussian,
@@ -214,6 +216,9 @@ class DPFedAvg(SampledFedAvg):
     ``clients_per_round`` m instead of ``sample_rate``: fixed-size sampling (Flower's default), m clients without
     replacement, the sum divided by m, accounted by RDP for sampling without replacement under replace-one neighbours
     (``sampling == "fixed"``; never as Poisson). The ledger holds Poisson events only, so it refuses such a run.
+
+    ``canaries=ClientCanaries(m)``: audit canary clients injected on the server (see ``dptrain.federated.canaries``);
+    :meth:`audit_canaries` bounds epsilon from the final model.
     """
 
     def __init__(
@@ -234,7 +239,10 @@ class DPFedAvg(SampledFedAvg):
         budget: str | None = None,
         accountant: str = "pld",
         node_timeout: float = 120.0,
+        canaries: ClientCanaries | None = None,
     ) -> None:
+        if canaries is not None and clients_per_round is not None:
+            raise ValueError("canary clients audit Poisson-sampled rounds: use sample_rate= with canaries=")
         if clipping not in ("server", "client"):
             raise ValueError(f"clipping must be 'server' or 'client' (who clips each update), got {clipping!r}")
         if (ledger is None) != (budget is None):
@@ -278,6 +286,8 @@ class DPFedAvg(SampledFedAvg):
         )
         self.clipping, self.delta, self.ledger, self.budget = clipping, delta, ledger, budget
         self.sampling = self.mechanism.sampling  # "poisson" or "fixed": how epsilon is accounted
+        self.canaries = canaries
+        self._initial: dict[str, np.ndarray] = {}
 
     @property
     def noise_multiplier(self) -> float:
@@ -291,6 +301,7 @@ class DPFedAvg(SampledFedAvg):
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, **kwargs: Any) -> Result:
         """Run at most ``num_rounds`` rounds, fewer if the budget allows fewer (logged), charging the budget."""
+        self._initial = to_numpy(initial_arrays)
         if self.ledger is None:
             return super().start(grid, initial_arrays, num_rounds, **kwargs)
         allowed = self.ledger.max_steps(self.budget, self.sample_rate, self.noise_multiplier, client_level=True)
@@ -326,7 +337,10 @@ class DPFedAvg(SampledFedAvg):
                 )
             else:
                 arrays[client] = to_numpy(reply.content[self.arrayrecord_key])
-        new = self.mechanism.aggregate(self._global, arrays, clipped_by_clients=self.clipping == "client")
+        canaries = [] if self.canaries is None else self.canaries.round_updates(self._global, self.sample_rate, self.max_norm)
+        new = self.mechanism.aggregate(
+            self._global, arrays, clipped_by_clients=self.clipping == "client", injected=canaries
+        )
         record = self.mechanism.rounds[-1]
         failed.update(record.dropped)
         for client, reason in sorted(failed.items()):
@@ -343,3 +357,13 @@ class DPFedAvg(SampledFedAvg):
         if delta is None:
             raise ValueError("pass delta= (none was given to the strategy and it charges no budget)")
         return self.mechanism.epsilon(delta)
+
+    def audit_canaries(self, final_arrays: ArrayRecord, delta: float | None = None) -> OneRunAuditResult:
+        """The one-run audit of this run's canary clients (``canaries=``) from its final model, against the
+        epsilon it claims at ``delta`` (default: the strategy's)."""
+        if self.canaries is None or not self._initial:
+            raise RuntimeError("audit_canaries needs DPFedAvg(canaries=ClientCanaries(...)) and a run (start) first")
+        delta = self.delta if delta is None else delta
+        return self.canaries.audit(
+            self._initial, to_numpy(final_arrays), claimed_epsilon=self.epsilon(delta), delta=delta
+        )

@@ -339,3 +339,21 @@ def test_canary_clients_flag_a_run_with_a_quarter_of_its_noise_and_not_a_correct
         _, broken = _audited_run(sigma / 4, sigma, seed)
         assert broken.suspicious, broken.message()
         assert broken.audit == "client-level canary clients" and broken.num_guesses == 200
+
+
+def test_support_chat_corpus_split_by_user_gives_each_client_one_users_conversations():
+    from dptrain.federated import partition_by_user, support_chat_clients
+    from dptrain.lm import SimpleTokenizer, support_chat_corpus
+    from dptrain.lm.corpus import vocabulary_text
+
+    assert [p.tolist() for p in partition_by_user([3, 1, 3, 2, 1])] == [[1, 4], [3], [0, 2]]
+    tokenizer = SimpleTokenizer.from_texts([vocabulary_text()])
+    clients = support_chat_clients(tokenizer, num_users=12, max_length=64, seed=3)
+    users = support_chat_corpus(num_users=12, validation_users=0, seed=3).user_ids("train")
+    assert len(clients) == len(set(users)) == 12
+    assert sorted(i for c in clients for i in c.indices) == list(range(len(users)))  # disjoint and complete
+    assert all(len({users[i] for i in c.indices}) == 1 for c in clients)  # one user per client
+    input_ids, attention_mask = clients[0][0]
+    assert input_ids.shape == attention_mask.shape == (64,)
+    with pytest.raises(ValueError, match="non-empty"):
+        partition_by_user([])

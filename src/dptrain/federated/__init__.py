@@ -2,7 +2,8 @@
 
 Client-level DP-FedAvg (:class:`DPFedAvg`: the privacy unit is the client, accounted over rounds and charged to a
 client-level budget), sample-level DP-SGD inside each client (:func:`dptrain_client_app` with
-:class:`SampleLevelDP`), non-IID partitions of real data (:func:`dirichlet_partition`, :func:`digits_clients`).
+:class:`SampleLevelDP`), partitions of real data (:func:`dirichlet_partition`, :func:`digits_clients`; one client per user:
+:func:`partition_by_user`, :func:`support_chat_clients`), and an audit with canary clients (:class:`ClientCanaries`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dptrain.federated.client import (
 )
 from dptrain.federated.canaries import ClientCanaries
 from dptrain.federated.mechanism import ClientLevelGaussian, ClientSampler, MalformedUpdate, clip_update
-from dptrain.federated.partition import digits_clients, dirichlet_partition
+from dptrain.federated.partition import digits_clients, dirichlet_partition, partition_by_user, support_chat_clients
 from dptrain.federated.strategy import DPFedAvg, SampledFedAvg
 
 __all__ = [
@@ -37,6 +38,8 @@ __all__ = [
     "digits_clients",
     "dirichlet_partition",
     "dptrain_client_app",
+    "partition_by_user",
     "partition_id",
     "register_partition_query",
+    "support_chat_clients",
 ]

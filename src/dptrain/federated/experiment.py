@@ -44,7 +44,7 @@ class FederatedConfig:
     delta: float = 1e-5
     local_epochs: int = 2
     batch_size: int = 16
-    lr: float = 0.1
+    lr: float = 0.3
     seed: int = 0
 
 

@@ -1,4 +1,5 @@
-"""Non-IID client partitions of real data: a Dirichlet(alpha) split over labels (Hsu et al. 2019), seeded.
+"""Client partitions of real data: a Dirichlet(alpha) split over labels (Hsu et al. 2019), seeded; or one client per
+user (the support-chat corpus of ``dptrain.lm``: each user's conversations on their own device or desk).
 
 For each class, the class's examples are shuffled and cut among the K clients in proportions drawn from
 Dirichlet(alpha, ..., alpha): small alpha gives clients few classes each (alpha = 0.5 is the common "non-IID"
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from torch.utils.data import Subset, TensorDataset
@@ -59,3 +61,22 @@ def digits_clients(
     train, test = load_digits_split(seed=seed)
     parts = dirichlet_partition(train.tensors[1].numpy(), num_clients, alpha, seed)
     return [Subset(train, part.tolist()) for part in parts], test
+
+
+def partition_by_user(user_ids: Sequence[int] | np.ndarray) -> list[np.ndarray]:
+    """Indices of each user's examples, one client per distinct user (users in ascending order)."""
+    users = np.asarray(user_ids)
+    if users.ndim != 1 or users.size == 0:
+        raise ValueError(f"user_ids must be a non-empty 1-d sequence, got shape {users.shape}")
+    return [np.flatnonzero(users == u) for u in np.unique(users)]
+
+
+def support_chat_clients(tokenizer: Any, num_users: int = 50, max_length: int = 96, seed: int = 0) -> list[Subset]:
+    """The support-chat corpus of ``dptrain.lm`` (``num_users`` training users), one client per user: each client's
+    dataset holds that user's conversations as ``(input_ids, attention_mask)``."""
+    # dptrain.lm loads transformers: only this function needs it
+    from dptrain.lm import lm_dataset, support_chat_corpus
+
+    corpus = support_chat_corpus(num_users=num_users, validation_users=0, seed=seed)
+    data = lm_dataset(tokenizer, corpus.texts("train"), max_length)
+    return [Subset(data, part.tolist()) for part in partition_by_user(corpus.user_ids("train"))]

@@ -7,6 +7,7 @@ test can redo a client's local training outside Flower and check the server's ag
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -15,10 +16,12 @@ import dp_accounting
 import numpy as np
 import pytest
 from federated_helpers import CLIPPED_RUN, SEED, arrays, load_app, local_update, norm, simulate
+from test_report import _chromium
 
 from dptrain.accounting import compute_epsilon
 from dptrain.budget import BudgetLedger
 from dptrain.federated import ClientCanaries
+from dptrain.report.federated import validate_federated_card
 
 K, Q = 10, 0.5
 
@@ -55,7 +58,7 @@ def test_noised_rounds_match_sigma_c_over_q_k_stop_at_the_budget_and_are_account
     report = simulate(
         tmp_path, "noise", **{"num-clients": K, "sample-rate": Q, "num-rounds": 3, "noise-multiplier": sigma,
                               "max-norm": clip, "clipping": "server", "seed": SEED, "ledger": str(ledger.path),
-                              "canaries": 300}
+                              "canaries": 300, "report-dir": str(tmp_path / "run")}
     )
     # The budget allowed 2 of the 3 rounds asked: the run stopped there and was charged 2 rounds.
     assert report["rounds_run"] == 2 and len(report["rounds"]) == 2 and len(report["globals"]) == 3
@@ -64,6 +67,20 @@ def test_noised_rounds_match_sigma_c_over_q_k_stop_at_the_budget_and_are_account
     accountant = dp_accounting.pld.PLDAccountant()
     accountant.compose(dp_accounting.PoissonSampledDpEvent(Q, dp_accounting.GaussianDpEvent(sigma)), 2)
     assert report["epsilon"] == pytest.approx(accountant.get_epsilon(delta), rel=1e-9)
+    # The run's privacy card and report: client-level, stopped by the budget, epsilon round by round.
+    card = json.loads((tmp_path / "run" / "privacy_card.json").read_text())
+    validate_federated_card(card)
+    assert card["privacy_unit"]["unit"] == "client" and card["run"]["status"] == "budget_exhausted"
+    assert card["guarantee"]["epsilon"] == report["epsilon"] and card["mechanism"]["rounds"] == 2
+    assert card["guarantee"]["neighbouring_relation"] == "add or remove one client"
+    assert len(card["epsilon_by_round"]) == 2 and 0 < card["epsilon_by_round"][0] < card["epsilon_by_round"][1]
+    assert card["epsilon_by_round"][-1] == report["epsilon"] and card["audit"]["num_canaries"] == 300
+    assert card["ledger"]["spent_epsilon"] <= card["ledger"]["cap_epsilon"] == cap
+    assert "per client" in card["statement"] and "stopped after 2 of 3 planned rounds" in card["statement"]
+    assert any("not against the server" in item for item in card["limitations"])
+    dom = _chromium("--virtual-time-budget=5000", "--dump-dom", str(tmp_path / "run" / "report.html"),
+                    profile=tmp_path / "profile").stdout  # fmt: skip
+    assert 'data-images-loaded="1/1"' in dom and "Canary-client audit" in dom
     # The canary clients' audit ran on the final model, against the epsilon the run claims, and found no excess.
     audit = report["audit"]
     assert audit["num_canaries"] == 300 and audit["claimed_epsilon"] == report["epsilon"] and not audit["suspicious"]

@@ -23,6 +23,7 @@ from dptrain.federated.client import (
 from dptrain.federated.canaries import ClientCanaries
 from dptrain.federated.mechanism import ClientLevelGaussian, ClientSampler, MalformedUpdate, clip_update
 from dptrain.federated.partition import digits_clients, dirichlet_partition, partition_by_user, support_chat_clients
+from dptrain.federated.report import federated_run_record, write_federated_run
 from dptrain.federated.strategy import DPFedAvg, SampledFedAvg
 
 __all__ = [
@@ -38,8 +39,10 @@ __all__ = [
     "digits_clients",
     "dirichlet_partition",
     "dptrain_client_app",
+    "federated_run_record",
     "partition_by_user",
     "partition_id",
     "register_partition_query",
     "support_chat_clients",
+    "write_federated_run",
 ]

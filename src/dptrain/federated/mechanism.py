@@ -170,6 +170,7 @@ class ClientLevelGaussian:
         self.sampling = self.sampler.sampling
         self.noise_multiplier = float(noise_multiplier)
         self.max_norm = float(max_norm)
+        self.secure_mode = bool(secure_mode)
         self._noise = RandomSource(secure_mode, _seeded(seed, 1))
         # Poisson rounds go to an accountant (PLD or RDP); fixed-size rounds have their own RDP bound (epsilon()).
         self.accountant = Accountant(accountant) if self.sampling == "poisson" else None

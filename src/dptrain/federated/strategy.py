@@ -288,6 +288,8 @@ class DPFedAvg(SampledFedAvg):
         self.sampling = self.mechanism.sampling  # "poisson" or "fixed": how epsilon is accounted
         self.canaries = canaries
         self._initial: dict[str, np.ndarray] = {}
+        self.planned_rounds = 0  # the rounds asked of start() (the budget may allow fewer: see rounds_run)
+        self.epsilon_by_round: list[float] = []  # epsilon after each round, at ``delta`` (when there is one)
 
     @property
     def noise_multiplier(self) -> float:
@@ -303,9 +305,11 @@ class DPFedAvg(SampledFedAvg):
         """Run at most ``num_rounds`` rounds, fewer if the budget allows fewer (logged), charging the budget."""
         self._initial = to_numpy(initial_arrays)
         if self.ledger is None:
+            self.planned_rounds = num_rounds
             return super().start(grid, initial_arrays, num_rounds, **kwargs)
         allowed = self.ledger.max_steps(self.budget, self.sample_rate, self.noise_multiplier, client_level=True)
         rounds = min(num_rounds, allowed)
+        self.planned_rounds = num_rounds
         if rounds < num_rounds:
             log.warning("budget %r allows %d of the %d rounds asked: the run stops there", self.budget, rounds, num_rounds)
         entry = self.ledger.reserve(  # with no round left this raises BudgetExceededError naming cap and spend
@@ -349,6 +353,7 @@ class DPFedAvg(SampledFedAvg):
         metrics = {"clients": len(record.contributed), "sampled": len(record.sampled)}
         if self.delta is not None:
             metrics["epsilon"] = self.mechanism.epsilon(self.delta)
+            self.epsilon_by_round.append(metrics["epsilon"])
         return to_record(new), MetricRecord(metrics)
 
     def epsilon(self, delta: float | None = None) -> float:

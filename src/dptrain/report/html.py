@@ -14,7 +14,7 @@ from typing import Any
 
 from dptrain.report import plots
 
-_CSS = """
+CSS = """
 body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; color: #1d1d1f;
        max-width: 1100px; margin: 0 auto; padding: 24px; background: #ffffff; }
 h1 { font-size: 26px; margin: 0 0 4px 0; } h2 { font-size: 20px; margin-top: 34px; border-bottom: 1px solid #ccc; }
@@ -36,7 +36,7 @@ footer { margin-top: 40px; color: #666; font-size: 13px; }
 code { background: #f2f2f2; padding: 1px 4px; }
 """
 
-_SCRIPT = """
+SCRIPT = """
 (function () {
   function done() {
     var images = document.images, ok = 0;
@@ -48,7 +48,7 @@ _SCRIPT = """
 """
 
 
-def _img(png: bytes, alt: str) -> str:
+def img(png: bytes, alt: str) -> str:
     data = base64.b64encode(png).decode("ascii")
     return f'<img alt="{escape(alt)}" src="data:image/png;base64,{data}">'
 
@@ -65,7 +65,7 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
-def _table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
+def table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
     head = "".join(f"<th>{escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
@@ -170,7 +170,7 @@ def _ledger_section(runs: list[dict[str, Any]]) -> str:
         "composes every entry of the budget in one PLD accountant"
         + (": releasing all these models costs this much together, less than the sum of their epsilons but more "
            "than any one of them.</p>" if latest["entries"] > 1 else ".</p>")
-        + _table(["entry", "status", "sample rate", "noise σ", "steps / reserved", "created (UTC)", "note"], entries)
+        + table(["entry", "status", "sample rate", "noise σ", "steps / reserved", "created (UTC)", "note"], entries)
     )
 
 
@@ -182,7 +182,7 @@ def render(title: str, runs: list[dict[str, Any]], cards: list[dict[str, Any]], 
     parts = [
         "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<title>{escape(title)}</title><style>{CSS}</style></head><body>",
         f"<h1>{escape(title)}</h1>",
         f'<p class="meta">Generated {generated} by dptrain {escape(version)}. Status: {escape(status)}.</p>',
     ]
@@ -191,7 +191,7 @@ def render(title: str, runs: list[dict[str, Any]], cards: list[dict[str, Any]], 
                      "partial and describe the steps actually taken.</p>")
     parts += [
         "<h2>Summary</h2>",
-        _table(SUMMARY_HEADER, summary_rows(runs), "summary"),
+        table(SUMMARY_HEADER, summary_rows(runs), "summary"),
         '<p class="caption">ε: privacy loss at δ for the training steps taken (smaller is more private); budget '
         "ε: everything charged to the run's ledger budget up to that run, composed (the runs of one budget add up "
         "there, not in the ε column). Accuracy "
@@ -199,16 +199,16 @@ def render(title: str, runs: list[dict[str, Any]], cards: list[dict[str, Any]], 
         "examples; its ε lower bound is what the attack proves at 95% confidence and must stay below the model's "
         "guarantee (for a fixed train/held-out split that is the replace-one guarantee, 2ε).</p>",
         "<h2>Privacy-utility curve</h2>",
-        _img(plots.privacy_utility(runs), "held-out accuracy against epsilon"),
+        img(plots.privacy_utility(runs), "held-out accuracy against epsilon"),
         '<p class="caption">Each dot is a final model; thin lines follow a run during training (accuracy against ε '
         "spent so far). The dashed line is the non-private reference, when there is one.</p>",
         "<h2>Privacy spent during training</h2>",
-        _img(plots.epsilon_vs_step(runs), "epsilon against training step"),
+        img(plots.epsilon_vs_step(runs), "epsilon against training step"),
         '<p class="caption">ε after each epoch, composed by the accountant (per-epoch values use a coarser, '
         "pessimistic PLD discretisation; the final value is the exact one). Noise is calibrated so that the last "
         "step lands just below the target.</p>",
         "<h2>Membership-inference audit</h2>",
-        _img(plots.membership_roc(runs), "membership attack ROC curves with DP bounds"),
+        img(plots.membership_roc(runs), "membership attack ROC curves with DP bounds"),
         '<p class="caption">Solid: the attack\'s ROC (fraction of training examples it finds against the fraction '
         "of held-out examples it wrongly accuses). Dashed: the most that any attack can achieve against a model "
         "with that guarantee. A curve above its dashed bound beyond sampling error would reveal an implementation "
@@ -225,12 +225,12 @@ def render(title: str, runs: list[dict[str, Any]], cards: list[dict[str, Any]], 
             f"<h3>{escape(run['name'])}</h3>",
             f'<p class="statement{"" if dp else " nodp"}">{escape(card["statement"])}</p>',
             f"<p>{files}</p>" if files else "",
-            _table(["setting", "value"], _settings(run), "settings"),
+            table(["setting", "value"], _settings(run), "settings"),
         ]
     software = runs[0]["software"] if runs else {}
     parts += [
         "<footer>Software: " + escape(", ".join(f"{k} {v}" for k, v in software.items())) + ". ",
         "Limitations and the full list of fields are in each run's privacy card.</footer>",
-        f"<script>{_SCRIPT}</script></body></html>",
+        f"<script>{SCRIPT}</script></body></html>",
     ]
     return "\n".join(p for p in parts if p)

@@ -59,6 +59,16 @@ def _no_data(ax: Any, text: str) -> None:
     ax.set_yticks([])
 
 
+def _epsilon_axes(ax: Any, xlabel: str, ylabel: str) -> None:
+    """Axes of an epsilon-over-time plot: from (0, 0), a grid, the legend top left."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(bottom=0)
+    ax.set_xlim(left=0)
+    ax.grid(**GRID)
+    ax.legend(loc="upper left", fontsize=8)
+
+
 def epsilon_vs_step(runs: list[dict[str, Any]]) -> bytes:
     fig, ax = _figure()
     drawn = False
@@ -81,13 +91,22 @@ def epsilon_vs_step(runs: list[dict[str, Any]]) -> bytes:
         _no_data(ax, "no differentially private run")
     else:
         delta = next(r["privacy"]["delta"] for r in runs if r["privacy"]["differentially_private"])
-        ax.set_xlabel("training step")
-        ax.set_ylabel(f"ε spent (δ = {delta:g})")
-        ax.set_ylim(bottom=0)
-        ax.set_xlim(left=0)
-        ax.grid(**GRID)
-        ax.legend(loc="upper left", fontsize=8)
+        _epsilon_axes(ax, "training step", f"ε spent (δ = {delta:g})")
     ax.set_title("Privacy spent during training (dashed: target ε; X: stopped early)", fontsize=10)
+    return _png(fig)
+
+
+def epsilon_vs_round(epsilons: list[float], delta: float, cap: float | None = None) -> bytes:
+    """Client-level epsilon after each round of a federated run (dashed: the budget's cap, if any)."""
+    fig, ax = _figure()
+    rounds = list(range(len(epsilons) + 1))
+    ax.plot(rounds, [0.0, *epsilons], color="#1f77b4", linewidth=2, marker="o" if len(rounds) < 30 else None,
+            markersize=3, label=f"final ε = {epsilons[-1]:.2f}" if epsilons else "no round")
+    if cap is not None:
+        ax.axhline(cap, color="#b02a2a", linestyle="--", linewidth=1, label=f"budget cap ε = {cap:.3g}")
+    ax.xaxis.get_major_locator().set_params(integer=True)  # rounds are whole numbers
+    _epsilon_axes(ax, "round", f"ε spent per client (δ = {delta:g})")
+    ax.set_title("Client-level privacy spent during federated training", fontsize=10)
     return _png(fig)
 
 

@@ -8,7 +8,6 @@ passed, whose ``state_dict`` keys and save/load behaviour are unchanged.
 from __future__ import annotations
 
 import numbers
-import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,7 +42,8 @@ from dptrain.engine_setup import (
     LOSS_REDUCTIONS,
     check_privacy_unit,
     refuse_invalid_model,
-    sampling_source,
+    plan_batches,
+    reserve_steps,
     seed_if_fresh,
     stop_ddp_synchronisation,
     training_set,
@@ -53,12 +53,7 @@ from dptrain.grad import make_grad_sampler
 from dptrain.independence import IndependenceCheck
 from dptrain.optim import DPOptimizer
 from dptrain.randomness import RandomSource, fresh_generator
-from dptrain.sampling import (
-    ChunkSignal,
-    DPDataLoader,
-    PoissonBatchSampler,
-    UserPoissonBatchSampler,
-)
+from dptrain.sampling import ChunkSignal, DPDataLoader
 from dptrain.state_guard import StateGuard
 
 if TYPE_CHECKING:
@@ -244,54 +239,29 @@ class PrivacyEngine(OpacusMethods):
         if adaptive is not None:
             adaptive.gradient_noise_multiplier(noise_multiplier)  # refused before anything is attached
         indices, dataset_size = training_set(data_loader, distributed)
-        steps_per_epoch = len(data_loader)
         self.dataset_size = dataset_size
 
         noise_source = noise_generator
         if noise_source is None and not self.secure_mode:
             noise_source = fresh_generator(params[0].device)
         random = RandomSource(secure=self.secure_mode, generator=noise_source)
-        sampling: RandomSource | None = None
         signal = ChunkSignal()
-        if users is not None and indices is not None:
-            raise ValueError(
-                'privacy_unit="user" samples users from the whole dataset, but the data loader has a sampler over a '
-                "subset of it: pass a loader (and user_ids) over the examples to train on only"
-            )
+        plan = plan_batches(data_loader, users, indices, poisson_sampling, dataset_size, self.secure_mode,
+                            noise_generator, rank, world_size)  # fmt: skip
+        sampling, sample_rate, expected_batch_size, batch_sampler = (
+            plan.sampling, plan.sample_rate, plan.expected_batch_size, plan.batch_sampler
+        )
         if users is not None:
-            # Every user is sampled at rate q = 1/len(data_loader), with all of its examples.
-            sample_rate = 1.0 / steps_per_epoch
-            sampling = sampling_source(self.secure_mode, noise_generator, rank, world_size)
-            batch_sampler = UserPoissonBatchSampler(users, sample_rate, steps_per_epoch, sampling, rank, world_size)
-            expected_batch_size = sample_rate * batch_sampler.num_users
-            self.dataset_size = batch_sampler.num_users  # the privacy units, for the weak-delta check
-        elif poisson_sampling:
-            # The whole dataset is sampled at rate q = 1/len(data_loader): one epoch sees N examples in expectation.
-            sample_rate = 1.0 / steps_per_epoch
-            expected_batch_size = sample_rate * dataset_size
-            sampling = sampling_source(self.secure_mode, noise_generator, rank, world_size)
-            batch_sampler = PoissonBatchSampler(
-                dataset_size, sample_rate, steps_per_epoch, sampling, rank, world_size, indices=indices
-            )
-        else:
-            if data_loader.batch_size is None:
-                raise ValueError(
-                    "poisson_sampling=False needs a data loader with a fixed batch_size (not a custom batch_sampler)"
-                )
-            warnings.warn(
-                "poisson_sampling=False: batches come from the data loader's own shuffling, but the accountant assumes "
-                "Poisson sampling (as Opacus does); the reported epsilon is then not a proven guarantee. "
-                "Use poisson_sampling=True for a guarantee that holds.",
-                stacklevel=2,
-            )
-            sample_rate = data_loader.batch_size * world_size / dataset_size
-            expected_batch_size = float(data_loader.batch_size * world_size)
-            batch_sampler = data_loader.batch_sampler
+            self.dataset_size = plan.units  # the privacy units, for the weak-delta check
         private_loader = DPDataLoader(data_loader, batch_sampler, signal, max_physical_batch_size, users, sample_rate)
         restored = self._pending_optimizer_states[0] if self._pending_optimizer_states else None
         seed = None if restored is not None else seed_if_fresh(noise_generator)
         sampling_scheme = "poisson" if sampling is not None else "shuffled"
-        reserved = self._reserve(sample_rate, noise_multiplier, planned_steps, rank, world_size, sampling_scheme, seed)
+        reserved = None
+        if self.ledger is not None:
+            note = f"{self.ledger_note}: " if self.ledger_note else ""
+            reserved = reserve_steps(self.ledger, self.budget, note, sample_rate, noise_multiplier, planned_steps,
+                                     rank, world_size, sampling_scheme, seed)  # fmt: skip
 
         grad_sampler = make_grad_sampler(grad_sample_mode, hooked, batch_first, loss_reduction)
         grad_sampler.batch_tag = lambda: signal.chunk_id  # each forward's chunk: accumulation across chunks shows
@@ -390,48 +360,6 @@ class PrivacyEngine(OpacusMethods):
             **kwargs,
         )
         return opacus_result(made, criterion)
-
-    def _reserve(
-        self,
-        sample_rate: float,
-        noise_multiplier: float,
-        planned_steps: int | None,
-        rank: int,
-        world_size: int,
-        sampling: str,
-        seed: int | None,
-    ) -> tuple[int | None, int] | None:
-        """Reserve ``planned_steps`` (or all the budget allows) in the ledger: (entry id, steps allowed).
-
-        Only rank 0 writes; the allowance is broadcast so that every rank stops at the same step. ``sampling`` labels
-        the entry ("poisson" or "shuffled"); ``seed``, the seed the run's noise starts from, lets the ledger warn
-        about a run that repeats an earlier one's randomness.
-        """
-        if self.ledger is None:
-            return None
-        entry_id, allowance = None, 0
-        if rank == 0:
-            if planned_steps is None:
-                allowance = self.ledger.max_steps(self.budget, sample_rate, noise_multiplier)
-                # With nothing left, reserving one step raises BudgetExceededError naming cap, spent and cost.
-                steps = max(allowance, 1)
-            else:
-                allowance = steps = planned_steps
-            note = f"{self.ledger_note}: " if self.ledger_note else ""
-            entry_id = self.ledger.reserve(
-                self.budget,
-                sample_rate,
-                noise_multiplier,
-                steps,
-                note=f"{note}dptrain run, {steps} steps reserved",
-                sampling=sampling,
-                seed=seed,
-            )
-        if world_size > 1:
-            shared = [allowance]
-            dist.broadcast_object_list(shared, src=0)
-            allowance = shared[0]
-        return entry_id, allowance
 
     @property
     def ledger_entries(self) -> list[int]:

@@ -1,11 +1,12 @@
 """What ``make_private`` checks and builds before it attaches anything: the training set a loader draws from, the
-privacy unit's arguments, the weak-delta warning, the model's validity, the sampling randomness and DDP's own
-synchronisation switched off. Split from ``dptrain.engine`` (one concept: the engine's preconditions)."""
+privacy unit's arguments, the weak-delta warning, the model's validity, how batches are drawn (``plan_batches``) and
+their randomness, the ledger reservation, and DDP's own synchronisation switched off. Split from ``dptrain.engine`` (one concept: the engine's preconditions)."""
 
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -14,8 +15,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from dptrain.randomness import RandomSource, fresh_generator
-from dptrain.sampling import sample_space
+from dptrain.sampling import PoissonBatchSampler, UserPoissonBatchSampler, sample_space
 from dptrain.validators import ModuleValidator, UnsupportedModuleError
+
+if TYPE_CHECKING:
+    from dptrain.budget import BudgetLedger
 
 LOSS_REDUCTIONS = ("mean", "sum")
 PRIVACY_UNITS = ("example", "user")
@@ -121,3 +125,103 @@ def stop_ddp_synchronisation(module: DistributedDataParallel) -> None:
         )
     module.require_backward_grad_sync = False
     module.require_forward_param_sync = False
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How a private loader draws its logical batches: the sampler, its rate and expected size, the randomness of
+    Poisson sampling (None for the loader's own shuffling) and the number of sampled units (examples or users)."""
+
+    batch_sampler: Any
+    sample_rate: float
+    expected_batch_size: float
+    sampling: RandomSource | None
+    units: int
+
+
+def plan_batches(
+    data_loader: DataLoader,
+    users: torch.Tensor | None,
+    indices: torch.Tensor | None,
+    poisson_sampling: bool,
+    dataset_size: int,
+    secure_mode: bool,
+    noise_generator: torch.Generator | None,
+    rank: int,
+    world_size: int,
+) -> BatchPlan:
+    """Users or examples Poisson-sampled at q = 1/len(data_loader), or (``poisson_sampling=False``, warned) the
+    loader's own shuffled batches."""
+    steps_per_epoch = len(data_loader)
+    if users is not None and indices is not None:
+        raise ValueError(
+            'privacy_unit="user" samples users from the whole dataset, but the data loader has a sampler over a '
+            "subset of it: pass a loader (and user_ids) over the examples to train on only"
+        )
+    if users is not None:
+        # Every user is sampled at rate q = 1/len(data_loader), with all of its examples.
+        sample_rate = 1.0 / steps_per_epoch
+        sampling = sampling_source(secure_mode, noise_generator, rank, world_size)
+        batch_sampler = UserPoissonBatchSampler(users, sample_rate, steps_per_epoch, sampling, rank, world_size)
+        return BatchPlan(batch_sampler, sample_rate, sample_rate * batch_sampler.num_users, sampling,
+                         batch_sampler.num_users)  # fmt: skip
+    if poisson_sampling:
+        # The whole dataset is sampled at rate q = 1/len(data_loader): one epoch sees N examples in expectation.
+        sample_rate = 1.0 / steps_per_epoch
+        sampling = sampling_source(secure_mode, noise_generator, rank, world_size)
+        batch_sampler = PoissonBatchSampler(
+            dataset_size, sample_rate, steps_per_epoch, sampling, rank, world_size, indices=indices
+        )
+        return BatchPlan(batch_sampler, sample_rate, sample_rate * dataset_size, sampling, dataset_size)
+    if data_loader.batch_size is None:
+        raise ValueError("poisson_sampling=False needs a data loader with a fixed batch_size (not a custom batch_sampler)")
+    warnings.warn(
+        "poisson_sampling=False: batches come from the data loader's own shuffling, but the accountant assumes "
+        "Poisson sampling (as Opacus does); the reported epsilon is then not a proven guarantee. "
+        "Use poisson_sampling=True for a guarantee that holds.",
+        stacklevel=4,
+    )
+    batch_size = data_loader.batch_size * world_size
+    return BatchPlan(data_loader.batch_sampler, batch_size / dataset_size, float(batch_size), None, dataset_size)
+
+
+def reserve_steps(
+    ledger: "BudgetLedger",
+    budget: str,
+    note: str,
+    sample_rate: float,
+    noise_multiplier: float,
+    planned_steps: int | None,
+    rank: int,
+    world_size: int,
+    sampling: str,
+    seed: int | None,
+) -> tuple[int | None, int]:
+    """Reserve ``planned_steps`` (or all the budget allows) in the ledger: (entry id, steps allowed).
+
+    Only rank 0 writes; the allowance is broadcast so that every rank stops at the same step. ``sampling`` labels
+    the entry ("poisson" or "shuffled"); ``seed``, the seed the run's noise starts from, lets the ledger warn
+    about a run that repeats an earlier one's randomness.
+    """
+    entry_id, allowance = None, 0
+    if rank == 0:
+        if planned_steps is None:
+            allowance = ledger.max_steps(budget, sample_rate, noise_multiplier)
+            # With nothing left, reserving one step raises BudgetExceededError naming cap, spent and cost.
+            steps = max(allowance, 1)
+        else:
+            allowance = steps = planned_steps
+        entry_id = ledger.reserve(
+            budget,
+            sample_rate,
+            noise_multiplier,
+            steps,
+            note=f"{note}dptrain run, {steps} steps reserved",
+            sampling=sampling,
+            seed=seed,
+        )
+    if world_size > 1:
+        shared = [allowance]
+        dist.broadcast_object_list(shared, src=0)
+        allowance = shared[0]
+    return entry_id, allowance

@@ -10,10 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord
 
 from dptrain.federated.client import round_generator, train_locally
-from dptrain.federated.strategy import ROUND_KEY, SEED_KEY
 
 APP_DIR = Path(__file__).parent / "fl_app"
 SEED = 7
@@ -51,7 +49,7 @@ def local_update(
     model = app.model_fn()
     model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in global_arrays.items()})
     data = app.data_fn(client, num_clients)
-    generator = round_generator(ConfigRecord({SEED_KEY: SEED, ROUND_KEY: server_round}), client)
+    generator = round_generator(SEED, client, server_round)
     train_locally(model, data, 1, 32, 0.1, torch.nn.functional.cross_entropy, generator)
     return {k: v.detach().numpy().astype(np.float64) - global_arrays[k] for k, v in model.state_dict().items()}
 

@@ -357,3 +357,29 @@ def test_support_chat_corpus_split_by_user_gives_each_client_one_users_conversat
     assert input_ids.shape == attention_mask.shape == (64,)
     with pytest.raises(ValueError, match="non-empty"):
         partition_by_user([])
+
+
+def test_a_sample_level_client_declines_a_replayed_round_and_charges_it_once(tmp_path):
+    import torch
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from dptrain.budget import BudgetLedger
+    from dptrain.federated import SampleLevelDP
+    from dptrain.federated.client import round_generator, train_privately
+
+    privacy = SampleLevelDP(1.0, 1.0, epsilon=50.0, delta=DELTA, ledger_dir=str(tmp_path), seed=9)
+    data = TensorDataset(torch.randn(40, 5), torch.randint(0, 2, (40,)))
+
+    def round_of(server_round: int) -> float | None:
+        torch.manual_seed(0)
+        return train_privately(nn.Linear(5, 2), data, 3, privacy, 1, 8, 0.1, nn.functional.cross_entropy,
+                               round_generator(privacy.seed, 3, server_round))  # fmt: skip
+
+    first = round_of(1)
+    assert first is not None and first > 0
+    assert round_of(1) is None  # the same round again: the same noise stream, refused before any step
+    second = round_of(2)
+    assert second is not None and second > first
+    history = BudgetLedger(tmp_path / "client-3.db").history("client-3")
+    assert [e.status for e in history] == ["spent", "spent"] and len({e.seed for e in history}) == 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from dptrain.accounting import check_delta, check_positive
-from dptrain.budget import BudgetLedger, UnknownBudgetError
+from dptrain.budget import BudgetLedger, ReusedSeedWarning, UnknownBudgetError
 from dptrain.engine import PrivacyEngine
 from dptrain.federated.mechanism import MalformedUpdate, clip_update, update_of
 from dptrain.federated.strategy import (
@@ -86,7 +87,9 @@ class SampleLevelDP:
     rounds, charged to ``ledger_dir/client-<partition-id>.db`` (on the client's machine).
 
     Local steps use Poisson sampling at ``1 / ceil(n / batch_size)`` with noise ``noise_multiplier`` and clipping norm
-    ``max_grad_norm``.
+    ``max_grad_norm``. Their randomness comes from the OS; ``seed`` (the client's own, never the server's) makes
+    it reproducible, one stream per (seed, client, round), and a round whose stream was already used (a server
+    replaying a round) is refused: the client declines it.
     """
 
     noise_multiplier: float
@@ -94,6 +97,7 @@ class SampleLevelDP:
     epsilon: float
     delta: float
     ledger_dir: str
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         check_positive(self.noise_multiplier, "noise_multiplier")
@@ -111,12 +115,12 @@ class SampleLevelDP:
         return ledger, name
 
 
-def round_generator(config: ConfigRecord, client: int) -> torch.Generator | None:
-    """A generator for this client and round from the run's seed (None without one: the engine seeds from the OS).
-    Every (seed, client, round) gets its own stream: no client replays another's or an earlier round's draws."""
-    if SEED_KEY not in config:
+def round_generator(seed: int | None, client: int, server_round: int) -> torch.Generator | None:
+    """A generator for this client and round from ``seed`` (None without one: seeded from the OS). Every (seed,
+    client, round) gets its own stream: no client replays another's or an earlier round's draws."""
+    if seed is None:
         return None
-    key = f"{int(config[SEED_KEY])}/{client}/{int(config[ROUND_KEY])}".encode()
+    key = f"{int(seed)}/{client}/{int(server_round)}".encode()
     return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "big") >> 1)
 
 
@@ -147,11 +151,15 @@ def dptrain_client_app(
         model = model_fn()
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
         data = data_fn(client, int(context.node_config.get("num-partitions", 0)))
-        generator = round_generator(config, client)
-        if sample_level is None:
+        server_round = int(config.get(ROUND_KEY, 0))
+        if sample_level is None:  # the shuffling may follow the server's seed (reproducible runs): nothing private
+            generator = round_generator(config.get(SEED_KEY), client, server_round)
             train_locally(model, data, local_epochs, batch_size, lr, loss_fn, generator)
             metrics = {"num-examples": len(data)}
         else:
+            # DP-SGD's noise and sampling never come from the server's seed (a server that knows them can remove
+            # the noise): from the OS, or from the client's own seed (SampleLevelDP.seed) for reproducible tests.
+            generator = round_generator(sample_level.seed, client, server_round)
             epsilon = train_privately(model, data, client, sample_level, local_epochs, batch_size, lr, loss_fn, generator)
             if epsilon is None:
                 return Message(RecordDict({"metrics": MetricRecord({"dptrain.declined": 1})}), reply_to=msg)
@@ -212,14 +220,20 @@ def train_privately(
         return None
     engine = PrivacyEngine(ledger=ledger, budget=budget, ledger_note=f"federated client {client}")
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    private_model, optimizer, loader = engine.make_private(
-        module=model,
-        optimizer=optimizer,
-        data_loader=loader,
-        noise_multiplier=privacy.noise_multiplier,
-        max_grad_norm=privacy.max_grad_norm,
-        noise_generator=generator,
-    )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ReusedSeedWarning)  # refused inside the ledger's transaction: no charge
+            private_model, optimizer, loader = engine.make_private(
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=privacy.noise_multiplier,
+                max_grad_norm=privacy.max_grad_norm,
+                noise_generator=generator,
+            )
+    except ReusedSeedWarning:
+        log.error("client %d: this round's randomness was already used (a replayed round?): declining it", client)
+        return None
     try:
         run_epochs(private_model, optimizer, loader, epochs, loss_fn)
     finally:

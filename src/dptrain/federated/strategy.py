@@ -107,7 +107,13 @@ class SampledFedAvg(FedAvg):
                     f"node {node} did not report its partition-id: its ClientApp needs "
                     "dptrain.federated.register_partition_query(app) (dptrain_client_app registers it)"
                 )
-            nodes.setdefault(int(reply.content["config"][PARTITION_QUERY]), node)
+            partition = int(reply.content["config"][PARTITION_QUERY])
+            if partition in nodes:
+                raise RuntimeError(
+                    f"nodes {nodes[partition]} and {node} both report partition-id {partition}: each client needs "
+                    "its own (node config partition-id)"
+                )
+            nodes[partition] = node
         if sorted(nodes) != list(range(self.num_clients)) or len(replies) != len(node_ids):
             raise RuntimeError(
                 f"the nodes' partition-ids are {sorted(nodes)} from {len(replies)} replies; num_clients="
@@ -141,8 +147,10 @@ class SampledFedAvg(FedAvg):
         partition_of = {node: p for p, node in self.nodes.items()}
         good, failed = {}, {}
         for reply in replies:
-            client = partition_of[reply.metadata.src_node_id]
-            if reply.has_error():
+            client = partition_of.get(reply.metadata.src_node_id)
+            if client is None:
+                log.warning("a reply from node %s, which is no client of this run, is ignored", reply.metadata.src_node_id)
+            elif reply.has_error():
                 failed[client] = f"client error: {reply.error.reason}"
             elif self.arrayrecord_key not in reply.content:
                 failed[client] = "the reply holds no arrays"
@@ -314,12 +322,13 @@ class DPFedAvg(SampledFedAvg):
             log.warning("budget %r allows %d of the %d rounds asked: the run stops there", self.budget, rounds, num_rounds)
         entry = self.ledger.reserve(  # with no round left this raises BudgetExceededError naming cap and spend
             self.budget, self.sample_rate, self.noise_multiplier, max(rounds, 1), client_level=True,
-            note=f"DP-FedAvg, K={self.num_clients}, {max(rounds, 1)} rounds reserved",
+            note=f"DP-FedAvg, K={self.num_clients}, {max(rounds, 1)} rounds reserved", seed=self.seed,
         )
+        before = self.mechanism.rounds_aggregated  # a strategy may be started more than once
         try:
             return super().start(grid, initial_arrays, rounds, **kwargs)
         finally:
-            self.ledger.settle(entry, self.mechanism.rounds_aggregated)
+            self.ledger.settle(entry, self.mechanism.rounds_aggregated - before)
 
     def sample_clients(self, server_round: int) -> list[int]:
         return self.mechanism.sample(server_round)

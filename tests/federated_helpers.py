@@ -61,6 +61,7 @@ def norm(update: dict[str, np.ndarray]) -> float:
 
 
 #: The run both the hand computation (tests/test_federated.py) and the deployment test check: 3 clients, two rounds
-#: without noise, updates clipped by the clients (clipping binds: C is below every update's norm).
+#: without noise, updates clipped by the clients (clipping binds: C is below every update's norm), the mean model
+#: passed through Flower's FedAvgM at server learning rate 0.5.
 CLIPPED_RUN = {"num-clients": 3, "sample-rate": 0.7, "num-rounds": 2, "noise-multiplier": 0.0, "max-norm": 0.05,
-               "clipping": "client", "seed": SEED}
+               "clipping": "client", "seed": SEED, "server-lr": 0.5}

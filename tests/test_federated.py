@@ -39,8 +39,8 @@ def test_noise_free_rounds_with_client_side_clipping_are_hand_computed_clipped_f
         for client in record["sampled"]:
             update = local_update(before, client, r, k)
             assert norm(update) > clip
-            for name in expected:
-                expected[name] += update[name] * (clip / norm(update)) / (q * k)
+            for name in expected:  # FedAvgM: the global moves by server-lr times the clipped mean update
+                expected[name] += settings["server-lr"] * update[name] * (clip / norm(update)) / (q * k)
         after = arrays(report["globals"][r])
         for name in expected:
             np.testing.assert_allclose(after[name], expected[name], rtol=0, atol=2e-6)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvgM
 from torch import nn
 
 from dptrain.budget import BudgetLedger
@@ -42,6 +43,7 @@ DEFAULTS: dict[str, Any] = {
     "sample-level-dir": "",  # sample-level DP inside clients, their ledgers here, if given
     "sample-level-epsilon": 20.0,  # each client's own cap (delta 1e-3)
     "canaries": 0,  # audit canary clients (ClientCanaries, seeded with "seed") injected by DPFedAvg
+    "server-lr": 0.0,  # > 0: DPFedAvg's noisy mean goes through Flower's FedAvgM with this server learning rate
     "report-dir": "",  # write the run's record, privacy card and report.html there (DPFedAvg runs)
     "out": "",
 }
@@ -87,6 +89,7 @@ def build_apps(overrides: dict[str, Any] | None = None):
                 ledger=ledger,
                 budget="federation" if ledger else None,
                 canaries=ClientCanaries(s["canaries"], seed=s["seed"]) if s["canaries"] else None,
+                server_strategy=FedAvgM(server_learning_rate=s["server-lr"]) if s["server-lr"] else None,
             )
         _, test = digits_clients(s["num-clients"], seed=DATA_SEED)
         model = model_fn()

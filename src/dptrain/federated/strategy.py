@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Result
+from flwr.serverapp.strategy import FedAvg, Result, Strategy
 
 from dptrain.accounting import (
     calibrate_noise,
@@ -227,6 +227,10 @@ class DPFedAvg(SampledFedAvg):
 
     ``canaries=ClientCanaries(m)``: audit canary clients injected on the server (see ``dptrain.federated.canaries``);
     :meth:`audit_canaries` bounds epsilon from the final model.
+
+    ``server_strategy``: any Flower strategy of the FedAvg family with a server optimizer (``FedAvgM``, ``FedAdam``,
+    ``FedYogi``, ``FedAdagrad``, ...) to turn each round's noisy mean model into the next global model. It gets that
+    model as the round's only reply (weight 1), never a client's: post-processing, at no privacy cost.
     """
 
     def __init__(
@@ -248,7 +252,13 @@ class DPFedAvg(SampledFedAvg):
         accountant: str = "pld",
         node_timeout: float = 120.0,
         canaries: ClientCanaries | None = None,
+        server_strategy: Strategy | None = None,
     ) -> None:
+        if server_strategy is not None and num_clients < getattr(server_strategy, "min_available_nodes", 0):
+            raise ValueError(
+                f"server_strategy waits for min_available_nodes={server_strategy.min_available_nodes} nodes, more "
+                f"than the {num_clients} clients: lower it"
+            )
         if canaries is not None and clients_per_round is not None:
             raise ValueError("canary clients audit Poisson-sampled rounds: use sample_rate= with canaries=")
         if clipping not in ("server", "client"):
@@ -295,6 +305,7 @@ class DPFedAvg(SampledFedAvg):
         self.clipping, self.delta, self.ledger, self.budget = clipping, delta, ledger, budget
         self.sampling = self.mechanism.sampling  # "poisson" or "fixed": how epsilon is accounted
         self.canaries = canaries
+        self.server_strategy = server_strategy
         self._initial: dict[str, np.ndarray] = {}
         self.planned_rounds = 0  # the rounds asked of start() (the budget may allow fewer: see rounds_run)
         self.epsilon_by_round: list[float] = []  # epsilon after each round, at ``delta`` (when there is one)
@@ -333,6 +344,23 @@ class DPFedAvg(SampledFedAvg):
     def sample_clients(self, server_round: int) -> list[int]:
         return self.mechanism.sample(server_round)
 
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.server_strategy is not None:  # it records the current model (FedOpt, FedAvgM); its messages go nowhere
+            self.server_strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def _server_step(self, server_round: int, noisy: dict[str, np.ndarray]) -> ArrayRecord:
+        """The server strategy's new model from the noisy mean model (post-processing: no privacy cost), handed to
+        it as the one reply of the round."""
+        request = Message(RecordDict(), dst_node_id=0, message_type=MessageType.TRAIN)
+        content = RecordDict({self.arrayrecord_key: to_record(noisy), "metrics": MetricRecord({"num-examples": 1})})
+        arrays, _ = self.server_strategy.aggregate_train(server_round, [Message(content, reply_to=request)])
+        if arrays is None:
+            raise RuntimeError(f"server_strategy {type(self.server_strategy).__name__} returned no model")
+        return arrays
+
     def extra_config(self) -> dict[str, Any]:
         return {CLIP_NORM_KEY: self.max_norm, CLIPPING_KEY: self.clipping}
 
@@ -363,7 +391,8 @@ class DPFedAvg(SampledFedAvg):
         if self.delta is not None:
             metrics["epsilon"] = self.mechanism.epsilon(self.delta)
             self.epsilon_by_round.append(metrics["epsilon"])
-        return to_record(new), MetricRecord(metrics)
+        model = to_record(new) if self.server_strategy is None else self._server_step(server_round, new)
+        return model, MetricRecord(metrics)
 
     def epsilon(self, delta: float | None = None) -> float:
         """Client-level epsilon of the rounds run, at ``delta`` (default: the strategy's)."""

@@ -383,3 +383,8 @@ def test_a_sample_level_client_declines_a_replayed_round_and_charges_it_once(tmp
     assert second is not None and second > first
     history = BudgetLedger(tmp_path / "client-3.db").history("client-3")
     assert [e.status for e in history] == ["spent", "spent"] and len({e.seed for e in history}) == 2
+    # The client's epsilon after round 2 is its accountant over both rounds, as dp_accounting composes them.
+    from dptrain.accounting import composed_event, epsilon_of_event
+
+    assert second == pytest.approx(epsilon_of_event(composed_event([e.record() for e in history]), DELTA), rel=1e-9)
+    assert first == pytest.approx(epsilon_of_event(composed_event([history[0].record()]), DELTA), rel=1e-9)

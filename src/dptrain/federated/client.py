@@ -210,8 +210,9 @@ def train_privately(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     generator: torch.Generator | None,
 ) -> float | None:
-    """DP-SGD for ``epochs`` on the client's data, charged to its ledger; the client's cumulative epsilon after it,
-    or None (nothing trained, nothing charged) when its budget cannot pay for the round."""
+    """DP-SGD for ``epochs`` on the client's data, charged to its ledger; the client's cumulative epsilon after it
+    (its accountant over every round it took part in), or None (nothing trained, nothing charged) when its budget
+    cannot pay for the round or the round's randomness was already used."""
     ledger, budget = privacy.ledger(client)
     loader = DataLoader(data, batch_size=batch_size)
     # The engine samples at 1 / len(loader) (Opacus' convention), len(loader) steps an epoch: check that cost.
@@ -219,6 +220,12 @@ def train_privately(
         log.warning("client %d: its privacy budget cannot pay for another round; it takes no further part", client)
         return None
     engine = PrivacyEngine(ledger=ledger, budget=budget, ledger_note=f"federated client {client}")
+    # The client's accountant carries every earlier round (from its ledger, reservations counted in full): one
+    # cumulative account over the whole federation, whichever process runs this round.
+    earlier = [entry.record() for entry in ledger.history(budget)]
+    engine.accountant.load_state_dict(
+        {"kind": engine.accountant.kind, "history": [(r.sample_rate, r.noise_multiplier, r.count) for r in earlier]}
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     try:
         with warnings.catch_warnings():
@@ -238,6 +245,7 @@ def train_privately(
         run_epochs(private_model, optimizer, loader, epochs, loss_fn)
     finally:
         engine.close()
-    spent = ledger.spent(budget)
-    log.info("client %d: epsilon %.4g of its %.4g over every round it took part in", client, spent, privacy.epsilon)
-    return spent
+    epsilon = engine.get_epsilon(privacy.delta)
+    log.info("client %d: epsilon %.4g over every round it took part in (budget %.4g, ledger total %.4g)", client,
+             epsilon, privacy.epsilon, ledger.spent(budget))  # fmt: skip
+    return epsilon

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from dptrain.federated.client import round_generator, train_locally
+from dptrain.federated.mechanism import derive_seed
 
 APP_DIR = Path(__file__).parent / "fl_app"
 SEED = 7
@@ -49,7 +50,7 @@ def local_update(
     model = app.model_fn()
     model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in global_arrays.items()})
     data = app.data_fn(client, num_clients)
-    generator = round_generator(SEED, client, server_round)
+    generator = round_generator(derive_seed(SEED, "clients"), client, server_round)  # the seed the server sends
     train_locally(model, data, 1, 32, 0.1, torch.nn.functional.cross_entropy, generator)
     return {k: v.detach().numpy().astype(np.float64) - global_arrays[k] for k, v in model.state_dict().items()}
 

@@ -10,7 +10,6 @@ cumulative over every round it took part in, and a client whose budget cannot pa
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import warnings
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -26,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from dptrain.accounting import check_delta, check_positive
 from dptrain.budget import BudgetLedger, ReusedSeedWarning, UnknownBudgetError
 from dptrain.engine import PrivacyEngine
-from dptrain.federated.mechanism import MalformedUpdate, clip_update, update_of
+from dptrain.federated.mechanism import MalformedUpdate, clip_update, derive_seed, update_of
 from dptrain.federated.strategy import (
     CLIP_NORM_KEY,
     CLIPPED_UPDATE_KEY,
@@ -120,8 +119,15 @@ def round_generator(seed: int | None, client: int, server_round: int) -> torch.G
     client, round) gets its own stream: no client replays another's or an earlier round's draws."""
     if seed is None:
         return None
-    key = f"{int(seed)}/{client}/{int(server_round)}".encode()
-    return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "big") >> 1)
+    return torch.Generator().manual_seed(derive_seed(int(seed), client, int(server_round)))
+
+
+def local_generator(config: ConfigRecord, client: int, sample_level: SampleLevelDP | None) -> torch.Generator | None:
+    """The randomness of a round's local training. Plain SGD may follow the server's seed (reproducible runs: only
+    the shuffling depends on it). DP-SGD's noise and sampling never do (a server that knew them could remove the
+    noise): they come from the OS, or from the client's own seed (``SampleLevelDP.seed``)."""
+    seed = config.get(SEED_KEY) if sample_level is None else sample_level.seed
+    return round_generator(seed, client, int(config.get(ROUND_KEY, 0)))
 
 
 def dptrain_client_app(
@@ -151,20 +157,16 @@ def dptrain_client_app(
         model = model_fn()
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
         data = data_fn(client, int(context.node_config.get("num-partitions", 0)))
-        server_round = int(config.get(ROUND_KEY, 0))
-        if sample_level is None:  # the shuffling may follow the server's seed (reproducible runs): nothing private
-            generator = round_generator(config.get(SEED_KEY), client, server_round)
+        generator = local_generator(config, client, sample_level)
+        if sample_level is None:
             train_locally(model, data, local_epochs, batch_size, lr, loss_fn, generator)
             metrics = {"num-examples": len(data)}
         else:
-            # DP-SGD's noise and sampling never come from the server's seed (a server that knows them can remove
-            # the noise): from the OS, or from the client's own seed (SampleLevelDP.seed) for reproducible tests.
-            generator = round_generator(sample_level.seed, client, server_round)
             epsilon = train_privately(model, data, client, sample_level, local_epochs, batch_size, lr, loss_fn, generator)
             if epsilon is None:
                 return Message(RecordDict({"metrics": MetricRecord({"dptrain.declined": 1})}), reply_to=msg)
             metrics = {"num-examples": 1}
-        arrays = ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in model.state_dict().items()})
+        arrays = to_record({k: v.detach().cpu().numpy() for k, v in model.state_dict().items()})
         return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
     return app

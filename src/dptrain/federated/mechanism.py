@@ -14,6 +14,7 @@ array's dtype. ``dptrain.federated.strategy`` puts this on Flower's ServerApp.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -95,6 +96,12 @@ class RoundRecord:
     dropped: dict[int, str] = field(default_factory=dict)
     canaries: int = 0  # audit canary clients whose updates were injected
     aggregated: bool = False
+
+
+def derive_seed(*parts: object) -> int:
+    """A seed (63 bits) derived from ``parts`` by SHA-256: knowing it reveals nothing of the seeds it comes from."""
+    key = "/".join(str(p) for p in parts).encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") >> 1
 
 
 def _seeded(seed: int | None, stream: int) -> torch.Generator | None:

@@ -35,6 +35,7 @@ from dptrain.federated.mechanism import (
     ClientSampler,
     MalformedUpdate,
     check_floating,
+    derive_seed,
     update_of,
 )
 
@@ -134,8 +135,8 @@ class SampledFedAvg(FedAvg):
         self.sampled_by_round.append(sampled)
         log.info("round %d: %d of %d clients sampled", server_round, len(sampled), self.num_clients)
         config = ConfigRecord({**dict(config), ROUND_KEY: server_round, **self.extra_config()})
-        if self.seed is not None:
-            config[SEED_KEY] = int(self.seed)
+        if self.seed is not None:  # for the clients' shuffling: derived, so it does not give away the server's noise
+            config[SEED_KEY] = derive_seed(self.seed, "clients")
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._construct_messages(record, [self.nodes[p] for p in sampled], MessageType.TRAIN)
 
@@ -302,13 +303,18 @@ class DPFedAvg(SampledFedAvg):
             secure_mode=secure_mode,
             accountant=accountant,
         )
+        self.sampler = self.mechanism.sampler  # one sampler: the mechanism's, which records each round
         self.clipping, self.delta, self.ledger, self.budget = clipping, delta, ledger, budget
-        self.sampling = self.mechanism.sampling  # "poisson" or "fixed": how epsilon is accounted
         self.canaries = canaries
         self.server_strategy = server_strategy
         self._initial: dict[str, np.ndarray] = {}
         self.planned_rounds = 0  # the rounds asked of start() (the budget may allow fewer: see rounds_run)
         self.epsilon_by_round: list[float] = []  # epsilon after each round, at ``delta`` (when there is one)
+
+    @property
+    def sampling(self) -> str:
+        """"poisson" or "fixed" (``clients_per_round``): how the clients are drawn, and so how epsilon is accounted."""
+        return self.mechanism.sampling
 
     @property
     def noise_multiplier(self) -> float:

@@ -239,12 +239,22 @@ def test_strategy_calibrates_sigma_and_keeps_sigma_and_c_fixed(tmp_path):
         ({"noise_multiplier": 1.0, "budget": "x"}, "both ledger= and budget="),
         ({"noise_multiplier": 1.0, "sample_rate": 0.0}, "in \\(0, 1\\]"),
         ({"noise_multiplier": 1.0, "max_norm": 0.0}, "max_norm"),
+        ({"noise_multiplier": 1.0, "sample_rate": None, "clients_per_round": 3, "canaries": "any"}, "canary clients"),
+        ({"noise_multiplier": 1.0, "num_clients": 1, "server_strategy": "fedavgm"}, "min_available_nodes=2"),
     ],
 )
 def test_strategy_bad_settings_are_refused(kwargs, message):
     from dptrain.federated import DPFedAvg
 
+    from flwr.serverapp.strategy import FedAvgM
+
+    from dptrain.federated import ClientCanaries
+
     settings = {"num_clients": 10, "sample_rate": 0.5, "max_norm": 1.0, **kwargs}
+    if "canaries" in settings:
+        settings["canaries"] = ClientCanaries(10)
+    if "server_strategy" in settings:
+        settings["server_strategy"] = FedAvgM()  # waits for 2 nodes by default
     with pytest.raises(ValueError, match=message):
         DPFedAvg(**settings)
 

@@ -88,7 +88,7 @@ def _run(
         "epsilon": epsilon(),
         "rounds": strategy.rounds_run,
         "accuracy": _accuracy(result.arrays, test),
-        "sampling": "poisson",
+        "sampling": strategy.sampler.sampling,
         "clients_per_round": float(np.mean([len(s) for s in strategy.sampled_by_round])),
         "seconds": time.perf_counter() - start,
     }
